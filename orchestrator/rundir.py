@@ -1,0 +1,75 @@
+"""A run's output folder: resolved config.yaml, metrics.jsonl (one flat JSON object per step).
+
+Files are written atomically (temporary file, then rename) so a crash never leaves a
+half-written config behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from rlhf.orchestrator.config import ExperimentConfig, to_yaml
+from rlhf.orchestrator.errors import BadInput
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes `text` to `path` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
+    """Creates (or reuses) the output folder and writes the resolved config.yaml.
+
+    A folder that already holds a config of a different experiment (another `name`) is
+    refused rather than mixed into.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output folder {out} exists and is not a folder")
+    existing = out / "config.yaml"
+    if existing.is_file():
+        try:
+            old_name = (yaml.safe_load(existing.read_text()) or {}).get("name")
+        except yaml.YAMLError:
+            old_name = None
+        if old_name != cfg.name:
+            raise BadInput(f"output folder {out} holds a different experiment ({old_name!r}, "
+                           f"not {cfg.name!r}); choose another --out")
+    write_atomic(existing, to_yaml(cfg))
+    return out
+
+
+class MetricsLog:
+    """Appends one flat JSON object per step to metrics.jsonl (non-finite floats as null)."""
+
+    def __init__(self, path: str | Path, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if append else "w")
+
+    def log(self, metrics: dict) -> None:
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
