@@ -1,0 +1,108 @@
+"""Typed batches that cross actor boundaries (DESIGN.md: "a typed dataclass of tensors").
+
+Layout conventions, used everywhere:
+- A sequence is prompt tokens then response tokens, right-padded to T with the pad id.
+- Per-token tensors ("token" below) have shape [B, T-1] and are aligned with the *targets*
+  input_ids[:, 1:]: position t holds the log-prob / value / reward / advantage of emitting
+  token t+1 given tokens <= t. `action_mask[b, t] = 1` iff token t+1 is a response token
+  (the stop token included when it was generated).
+- Samples of one prompt are consecutive: row i belongs to prompt group i // n.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Samples:
+    """What rollout engines return: token ids, no padding, one entry per sample."""
+
+    prompt_ids: list[list[int]]         # B lists of prompt token ids
+    response_ids: list[list[int]]       # B lists of generated ids (stop token included if generated)
+    response_logprobs: list[list[float]]  # B lists, the sampler's log-prob of each generated id
+    finished: list[bool]                # B: ended on a stop token (not cut by max_new_tokens)
+    prompt_index: list[int]             # B: index of the prompt in the step's prompt list
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @staticmethod
+    def concat(parts: list["Samples"]) -> "Samples":
+        return Samples(*[sum((getattr(p, f.name) for p in parts), []) for f in fields(Samples)])
+
+
+@dataclass
+class SequenceBatch:
+    """Padded token ids for a model forward pass."""
+
+    input_ids: Tensor       # [B, T] long, prompt + response, right-padded
+    attention_mask: Tensor  # [B, T] long, 1 on real tokens
+    action_mask: Tensor     # [B, T-1] float, 1 where the target token is a response token
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | Tensor) -> "SequenceBatch":
+        return SequenceBatch(self.input_ids[index], self.attention_mask[index], self.action_mask[index])
+
+    def split(self, n: int) -> list["SequenceBatch"]:
+        """`n` equal consecutive parts (n must divide B): one per data-parallel rank."""
+        return [self.select(s) for s in _even_slices(len(self), n)]
+
+
+def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
+    """Pads prompt+response ids into a `SequenceBatch`."""
+    lengths = [len(p) + len(r) for p, r in zip(samples.prompt_ids, samples.response_ids)]
+    B, T = len(lengths), max(lengths)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    action_mask = torch.zeros((B, T - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(samples.prompt_ids, samples.response_ids)):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[i, : len(p) + len(r)] = 1
+        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1.0
+    return SequenceBatch(input_ids, attention_mask, action_mask)
+
+
+@dataclass
+class Experience:
+    """One step's training data for the policy and critic learners (token tensors [B, T-1])."""
+
+    sequences: SequenceBatch
+    old_logp: Tensor            # [B, T-1] policy log-probs at generation time (learner's forward)
+    ref_logp: Tensor            # [B, T-1] reference (SFT) policy log-probs
+    advantages: Tensor          # [B, T-1] zero outside action_mask
+    returns: Tensor             # [B, T-1] critic targets (zero outside action_mask)
+    old_values: Optional[Tensor] = None  # [B, T-1] critic values at generation time; None without critic
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def select(self, index: slice | Tensor) -> "Experience":
+        return Experience(self.sequences.select(index), self.old_logp[index], self.ref_logp[index],
+                          self.advantages[index], self.returns[index],
+                          None if self.old_values is None else self.old_values[index])
+
+    def split(self, n: int) -> list["Experience"]:
+        """`n` equal consecutive parts (n must divide B): one per data-parallel rank."""
+        return [self.select(s) for s in _even_slices(len(self), n)]
+
+    def trimmed(self) -> "Experience":
+        """Drops trailing all-padding columns (shorter forward passes for a micro-batch)."""
+        width = int(self.sequences.attention_mask.sum(1).max())
+        seq = SequenceBatch(self.sequences.input_ids[:, :width], self.sequences.attention_mask[:, :width],
+                            self.sequences.action_mask[:, : width - 1])
+        cut = lambda t: None if t is None else t[:, : width - 1]  # noqa: E731
+        return replace(self, sequences=seq, old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp),
+                       advantages=cut(self.advantages), returns=cut(self.returns), old_values=cut(self.old_values))
+
+
+def _even_slices(total: int, n: int) -> list[slice]:
+    if n <= 0 or total % n:
+        raise ValueError(f"cannot split {total} rows into {n} equal parts")
+    size = total // n
+    return [slice(i * size, (i + 1) * size) for i in range(n)]
