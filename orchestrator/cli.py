@@ -3,6 +3,7 @@
     rlhf config show CONFIG [dotted.key=value ...]   print the resolved config as YAML
     rlhf config keys                                 every key with type, default, meaning
     rlhf quickstart CONFIG [overrides] [--out DIR] [--max-steps N]
+    rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
 
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf.orchestrator.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
+from rlhf.orchestrator.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCallFailed, RemoteCallTimeout
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,22 @@ def _cmd_quickstart(args) -> int:
     return EXIT_OK
 
 
+def _cmd_ppo(args) -> int:
+    from rlhf.orchestrator.config import load_config
+    from rlhf.orchestrator.launch import run_ppo
+
+    cfg = load_config(args.config, args.overrides)
+    run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address)
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlhf", description="RLHF (SFT -> reward model -> PPO) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -62,8 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
     quick.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     quick.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    quick.add_argument("--max-steps", type=int, default=None, help="stop the warm-up after N optimizer steps")
+    quick.add_argument("--max-steps", type=_positive_int, default=None,
+                       help="stop the warm-up after N optimizer steps")
     quick.set_defaults(func=_cmd_quickstart)
+
+    ppo = sub.add_parser("ppo", help="PPO against the configured reward, on Ray")
+    ppo.add_argument("config", help="experiment YAML, e.g. configs/ppo-tiny.yaml")
+    ppo.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    ppo.add_argument("--out", default=None, help="output folder (default: runs/NAME)")
+    ppo.add_argument("--max-steps", type=_positive_int, default=None, help="stop after N PPO steps")
+    ppo.add_argument("--address", default=None,
+                     help="Ray cluster to join (e.g. auto or HOST:6379); default: an embedded local Ray")
+    ppo.set_defaults(func=_cmd_ppo)
     return parser
 
 
@@ -74,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (RemoteCallFailed, RemoteCallTimeout) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf.orchestrator.errors import ConfigError
+from rlhf.orchestrator.rewards import REWARD_FUNCTIONS
 
 
 class Section(BaseModel):
@@ -79,7 +80,14 @@ class KLConfig(Section):
     horizon: int = _f(10000, "adaptive controller horizon in samples", gt=0)
 
 
+class RewardConfig(Section):
+    functions: dict[str, float] = _f({}, "named reward functions (orchestrator/rewards.py) and their weights")
+    model_weight: float = _f(1.0, "weight of the reward model's score (when model.reward is set)", ge=0)
+    clip: Optional[float] = _f(None, "clip the combined score to [-clip, clip]; null = off", gt=0)
+
+
 class PPOConfig(Section):
+    steps: int = _f(100, "PPO steps (generate -> score -> update -> sync) in a run", gt=0)
     prompts_per_step: int = _f(8, "prompts sampled per PPO step (times rollout.n_samples = samples)", gt=0)
     train_batch_size: int = _f(8, "samples per optimizer step; must divide the step's samples", gt=0)
     micro_batch_size: int = _f(4, "samples per forward/backward on one rank (gradient accumulation)", gt=0)
@@ -158,6 +166,7 @@ class ExperimentConfig(Section):
     model: ModelConfig = _f(ModelConfig(), "models")
     data: DataConfig = _f(DataConfig(), "prompts and dialogues")
     rollout: RolloutConfig = _f(RolloutConfig(), "generation with vLLM")
+    reward: RewardConfig = _f(RewardConfig(), "how replies are scored")
     ppo: PPOConfig = _f(PPOConfig(), "PPO algorithm")
     policy: LearnerConfig = _f(LearnerConfig(), "policy learner (DeepSpeed)")
     critic: CriticConfig = _f(CriticConfig(), "critic learner (DeepSpeed); used with ppo.advantage=gae")
@@ -189,6 +198,11 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if cfg.sync.backend in ("nccl", "cuda_ipc") and cfg.placement.gpus_per_node == 0:
         raise ConfigError("sync.backend", f"{cfg.sync.backend} needs GPUs (placement.gpus_per_node is 0); "
                           "use object_store or gloo on CPU")
+    for name in cfg.reward.functions:
+        if name not in REWARD_FUNCTIONS:
+            near = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(sorted(REWARD_FUNCTIONS))}"
+            raise ConfigError(f"reward.functions.{name}", f"unknown reward function; {hint}")
     sft = cfg.sft
     if sft.batch_size % (sft.micro_batch_size * sft.num_workers):
         raise ConfigError("sft.micro_batch_size", f"micro_batch_size x sft.num_workers = "

@@ -32,3 +32,11 @@ class ConfigError(BadInput):
     def at(self, source: str | None) -> "ConfigError":
         """The same error, attributed to a config file."""
         return ConfigError(self.key, self.detail, source=source)
+
+
+class RemoteCallTimeout(RuntimeError):
+    """A remote call did not finish in time; the message names the role and the phase (exit 1)."""
+
+
+class RemoteCallFailed(RuntimeError):
+    """A remote call raised or its actor died; the message names the role and the phase (exit 1)."""

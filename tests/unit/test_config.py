@@ -63,7 +63,7 @@ def test_describe_keys_covers_every_leaf_with_a_description():
 
     def leaves(d, prefix=""):
         for k, v in d.items():
-            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
 
     assert set(leaves(resolved)) == set(keys)
 

@@ -1,0 +1,71 @@
+"""Reward actor: scores replies with a reward model and/or named Python reward functions.
+
+Several sources combine with weights; each component is returned so the driver logs it
+(`reward/<name>`). A plain class: the driver wraps it with `ray.remote` at launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.orchestrator.experience import Samples
+from rlhf.orchestrator.rewards import REWARD_FUNCTIONS
+
+
+@dataclass
+class RewardScores:
+    total: list[float]                   # B: weighted sum of the components (clipped if asked)
+    components: dict[str, list[float]]   # name -> B unweighted scores
+
+
+class RewardScorer:
+    def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
+                 model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32") -> None:
+        from transformers import AutoTokenizer
+
+        unknown = set(functions) - set(REWARD_FUNCTIONS)
+        if unknown:
+            raise ValueError(f"unknown reward functions: {sorted(unknown)}")
+        if not functions and model_path is None:
+            raise ValueError("no reward source: give a reward model or at least one function")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.functions, self.model_weight, self.clip = dict(functions), model_weight, clip
+        self.model = None
+        if model_path is not None:
+            from transformers import AutoModelForSequenceClassification
+
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=1, dtype=getattr(torch, dtype)).eval()
+
+    def score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
+        """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`."""
+        replies = self.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+        components: dict[str, list[float]] = {}
+        for name in self.functions:
+            fn = REWARD_FUNCTIONS[name]
+            components[name] = [float(fn(prompts[p], text, ids)) for p, text, ids in
+                                zip(samples.prompt_index, replies, samples.response_ids)]
+        weights = dict(self.functions)
+        if self.model is not None:
+            components["model"] = self._model_scores(samples)
+            weights["model"] = self.model_weight
+        total = [sum(weights[name] * components[name][i] for name in components) for i in range(len(samples))]
+        if self.clip is not None:
+            total = [max(-self.clip, min(self.clip, t)) for t in total]
+        return RewardScores(total=total, components=components)
+
+    @torch.no_grad()
+    def _model_scores(self, samples: Samples) -> list[float]:
+        """The reward model's scalar at the last token of prompt + reply."""
+        seqs = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        per_token = self.model.score(hidden).squeeze(-1)  # [B, T]
+        last = attn.sum(1) - 1
+        return per_token[torch.arange(len(seqs)), last].float().tolist()

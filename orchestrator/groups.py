@@ -1,0 +1,63 @@
+"""Driver-side handles on groups of actors: typed methods, pre-sliced payloads, timed waits.
+
+Methods whose names end in `_refs` return ObjectRefs so the driver can run several groups
+at once and wait on them together with `wait_all`.
+"""
+from __future__ import annotations
+
+import ray
+
+from rlhf.orchestrator.errors import RemoteCallFailed, RemoteCallTimeout
+from rlhf.orchestrator.experience import Experience, SequenceBatch
+
+
+def wait_all(refs, timeout_s: float, what: str):
+    """`ray.get` with a timeout that ends in an error naming `what` (role and phase)."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RemoteCallTimeout(f"{what}: no answer within {timeout_s:.0f}s") from None
+    except ray.exceptions.RayActorError as err:
+        raise RemoteCallFailed(f"{what}: actor died: {str(err).splitlines()[0]}") from None
+    except ray.exceptions.RayTaskError as err:
+        raise RemoteCallFailed(f"{what}: {type(err.cause).__name__}: {err.cause}") from None
+
+
+class LearnerGroup:
+    """N data-parallel DeepSpeed ranks of one role ("policy" or "critic")."""
+
+    def __init__(self, role: str, ranks: list, timeout_s: float) -> None:
+        self.role, self.ranks, self.timeout_s = role, ranks, timeout_s
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def init_process_group(self) -> None:
+        """Rank 0 publishes the rendezvous address; every rank joins the DeepSpeed group."""
+        host, port = wait_all(self.ranks[0].master_address.remote(), self.timeout_s, f"{self.role} rank 0 address")
+        refs = [r.init_process_group.remote(host, port, i, len(self.ranks)) for i, r in enumerate(self.ranks)]
+        wait_all(refs, self.timeout_s, f"{self.role} init_process_group")
+
+    def _sliced(self, batch: SequenceBatch | Experience) -> list:
+        # One ray.put per rank's slice: each rank fetches only its own rows.
+        return [ray.put(part) for part in batch.split(len(self.ranks))]
+
+    def forward_refs(self, method: str, batch: SequenceBatch, **kwargs) -> list:
+        """Every rank runs `method` on its equal slice (ZeRO-3 needs all ranks in forward)."""
+        return [getattr(r, method).remote(part, **kwargs) for r, part in zip(self.ranks, self._sliced(batch))]
+
+    def train_refs(self, minibatches: list[Experience], **kwargs) -> list[list]:
+        """Queues one optimizer step per mini-batch on every rank (actor calls run in order).
+
+        Token-mean losses need the mini-batch's global token and sequence counts, which no
+        single rank can see; they travel with the call.
+        """
+        refs = []
+        for mb in minibatches:
+            counts = dict(num_tokens=int(mb.sequences.action_mask.sum()), num_seqs=len(mb))
+            refs.append([r.train_step.remote(part, **counts, **kwargs)
+                         for r, part in zip(self.ranks, self._sliced(mb))])
+        return refs
+
+    def call_all(self, method: str, *args, **kwargs) -> list:
+        return [getattr(r, method).remote(*args, **kwargs) for r in self.ranks]

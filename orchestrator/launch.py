@@ -1,0 +1,156 @@
+"""`rlhf ppo`: resolve the models, start Ray, place and launch every role, run the steps.
+
+Run on one CPU machine (embedded local Ray):
+    rlhf ppo configs/ppo-tiny.yaml --out runs/ppo-tiny
+On a cluster (join a running Ray cluster; see deploy/):
+    rlhf ppo configs/CONFIG.yaml --address auto
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from rlhf.orchestrator.config import ExperimentConfig
+from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.groups import LearnerGroup, wait_all
+from rlhf.orchestrator.logger import RunLogger
+from rlhf.orchestrator.placement import create_placement_groups, plan_resources, preflight
+from rlhf.orchestrator.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
+from rlhf.orchestrator.rundir import prepare_run_dir
+from rlhf.orchestrator.weight_sync import make_weight_sync
+
+
+@dataclass
+class Roles:
+    rollout: object            # RolloutGroup
+    policy: LearnerGroup
+    critic: LearnerGroup | None
+    reference: LearnerGroup
+    reward: object             # RewardScorer actor
+    sync: object               # WeightSync
+
+
+def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]) -> str:
+    """The initial policy folder: built from the task corpus for `tiny`, else the name/path as given."""
+    if cfg.model.policy != "tiny":
+        path = Path(cfg.model.policy)
+        if (path.is_absolute() or cfg.model.policy.startswith(".")) and not path.is_dir():
+            raise BadInput(f"model.policy: no such model folder: {path}")
+        return cfg.model.policy
+    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, is_complete_model_dir
+
+    model_dir = out / "init_model"
+    if not is_complete_model_dir(model_dir):
+        corpus = ["\n".join(f"{m['role']}: {m['content']}" for m in d) for d in dialogues]
+        build_tiny_from_corpus(corpus, model_dir, spec=TinyModelSpec(**cfg.model.tiny.model_dump()),
+                               seed=cfg.seed, overwrite=True)
+    return str(model_dir)
+
+
+def start_ray(address: str | None, num_cpus: int) -> None:
+    """Joins `address`, or starts an embedded local Ray on loopback without the dashboard."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) -> Roles:
+    from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
+    from rlhf.actors.reference import ReferenceModel
+    from rlhf.actors.reward import RewardScorer
+    from rlhf.actors.rollout import RolloutEngine
+    from rlhf.orchestrator.rollout_group import RolloutGroup
+
+    def remote(cls, role: str, index: int):
+        return ray.remote(cls).options(scheduling_strategy=pgs.strategy(role, index), **pgs.resources(role))
+
+    engines = [remote(RolloutEngine, "rollout", i).remote(
+        model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.tiny.max_position_embeddings
+        if cfg.model.policy == "tiny" else None, seed=cfg.seed + i, kv_cache_gib=cfg.rollout.kv_cache_gib,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size) for i in range(cfg.rollout.engines)]
+
+    def learner_args(section, seed_offset: int) -> LearnerArgs:
+        return LearnerArgs(model_path=model_path, dtype=cfg.model.dtype, zero_stage=section.zero_stage,
+                           lr=section.lr, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
+                           warmup_steps=section.warmup_steps, micro_batch_size=cfg.ppo.micro_batch_size,
+                           seed=cfg.seed + seed_offset, temperature=cfg.rollout.temperature,
+                           backend="nccl" if cfg.placement.gpus_per_node else "gloo", offload=section.offload,
+                           gradient_checkpointing=section.gradient_checkpointing)
+
+    policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, 0))
+                                     for i in range(cfg.policy.num_ranks)], timeout_s)
+    critic = None
+    if cfg.ppo.advantage == "gae":
+        critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, 1))
+                                         for i in range(cfg.critic.num_ranks)], timeout_s)
+    reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", 0).remote(
+        model_path=model_path, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature)], timeout_s)
+    reward = ray.remote(RewardScorer).options(num_cpus=0).remote(
+        tokenizer_path=model_path, functions=dict(cfg.reward.functions), model_path=cfg.model.reward,
+        model_weight=cfg.reward.model_weight, clip=cfg.reward.clip)
+    for group in (policy, critic):
+        if group is not None:
+            group.init_process_group()
+    rollout = RolloutGroup(engines, timeout_s=timeout_s)
+    rollout.wait_ready()
+    sync = make_weight_sync(cfg.sync.backend, policy, rollout, cfg.sync.bucket_mb, timeout_s)
+    return Roles(rollout, policy, critic, reference, reward, sync)
+
+
+def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
+            address: str | None = None, timeout_s: float = 600.0) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from rlhf.orchestrator.ppo import PPOTrainer
+
+    if not cfg.reward.functions and cfg.model.reward is None:
+        raise BadInput("reward.functions: no reward source; set model.reward or at least one reward function")
+    plan = plan_resources(cfg)
+    out = prepare_run_dir(out_dir, cfg)
+    dialogues = read_dialogues(cfg.data.train) if cfg.data.train else \
+        task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
+    model_path = resolve_policy(cfg, out, dialogues)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.chat_template is None:
+        raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
+    prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
+
+    start_ray(address, int(plan.total("CPU")))
+    preflight(plan)
+    pgs = create_placement_groups(plan, cfg.placement.timeout_s)
+    started = time.perf_counter()
+    roles = launch_roles(cfg, model_path, pgs, timeout_s)
+    trainer = PPOTrainer(cfg, roles, prompts, tokenizer.pad_token_id, timeout_s)
+    steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
+    logger = RunLogger(out, cfg.logger, cfg.name, cfg.model_dump(mode="json"))
+    batches = prompt_batches(len(prompts.token_ids), cfg.ppo.prompts_per_step, cfg.seed)
+    history = []
+    try:
+        bar = tqdm(range(1, steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
+        for step in bar:
+            metrics = trainer.step(step, next(batches))
+            metrics["data/prompts_truncated"] = prompts.truncated
+            logger.log(metrics)
+            history.append(metrics)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
+        policy_dir = out / "checkpoints" / "final" / "policy"
+        wait_all(roles.policy.call_all("save_pretrained", str(policy_dir)), timeout_s, "policy save_pretrained")
+    finally:
+        logger.close()
+        roles.rollout.shutdown()
+        pgs.remove()
+    first, last = history[0], history[-1]
+    elapsed = time.perf_counter() - started
+    print(f"ppo done: {steps} steps in {elapsed:.0f}s; reward/mean {first['reward/mean']:.3f} -> "
+          f"{last['reward/mean']:.3f}, kl/mean {last['kl/mean']:.3f}; policy in {policy_dir}")
+    return {"history": history, "policy_dir": policy_dir, "out": out}

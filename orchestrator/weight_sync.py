@@ -1,0 +1,94 @@
+"""Policy learner -> rollout engines weight sync, one interface, several backends.
+
+- object_store: policy rank 0 `ray.put`s each bucket (safetensors bytes); engines fetch the
+  buckets straight from the object store. The driver passes only ObjectRefs, never weights.
+- gloo / nccl: a process group of policy rank 0 plus every vLLM worker; per bucket, the
+  engines start receiving and rank 0 broadcasts a flat buffer (gloo is how this collective
+  path is tested on CPU; nccl is the GPU route).
+- cuda_ipc: learner and engine on the same GPU hand over CUDA IPC handles (colocated).
+Every backend is bucketed (one call or collective per bucket, `sync.bucket_mb`), and all
+policy ranks take part so ZeRO-3 shards are gathered before sending.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+from rlhf.orchestrator.groups import LearnerGroup, wait_all
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    bytes: int
+    buckets: int
+
+
+class WeightSync:
+    """Base: `sync()` pushes the policy's current weights into every engine."""
+
+    def __init__(self, policy: LearnerGroup, rollout, bucket_bytes: int, timeout_s: float) -> None:
+        self.policy, self.rollout, self.bucket_bytes, self.timeout_s = policy, rollout, bucket_bytes, timeout_s
+
+    def sync(self) -> SyncStats:
+        raise NotImplementedError
+
+
+class ObjectStoreSync(WeightSync):
+    def sync(self) -> SyncStats:
+        start = time.perf_counter()
+        per_rank = wait_all(self.policy.call_all("export_weight_buckets", self.bucket_bytes), self.timeout_s,
+                            "policy export_weight_buckets (weight sync)")
+        refs = per_rank[0]  # rank 0 holds the gathered weights; other ranks return []
+        nbytes = self.rollout.load_weight_buckets(refs, timeout_s=self.timeout_s)
+        return SyncStats(time.perf_counter() - start, nbytes, len(refs))
+
+
+class CollectiveSync(WeightSync):
+    """gloo or nccl broadcast from policy rank 0 to every vLLM worker."""
+
+    def __init__(self, policy, rollout, bucket_bytes, timeout_s, backend: str) -> None:
+        super().__init__(policy, rollout, bucket_bytes, timeout_s)
+        self.backend = backend
+        self._group = None  # (host, port, world_size), created on the first sync
+
+    def sync(self) -> SyncStats:
+        start = time.perf_counter()
+        setup = []
+        if self._group is None:
+            # The group is formed lazily: rank 0 becomes its TCPStore master inside its first
+            # broadcast_weights call, so the engines' joins must be in flight at the same time.
+            host, _ = wait_all(self.policy.ranks[0].master_address.remote(), self.timeout_s,
+                               "policy rank 0 address (weight group)")
+            self._group = (host, _free_port(), 1 + self.rollout.num_workers)
+            setup = self.rollout.init_weight_group_refs(*self._group, self.backend)
+        metas = wait_all(self.policy.call_all("weight_bucket_metas", self.bucket_bytes), self.timeout_s,
+                         "policy weight_bucket_metas (weight sync)")[0]
+        # Receivers are queued first (after their join, on the same actors); they block in
+        # the broadcast until rank 0 sends.
+        recv = self.rollout.receive_weights_refs(metas)
+        send = self.policy.call_all("broadcast_weights", *self._group, self.bucket_bytes, self.backend)
+        wait_all(setup + recv + send, self.timeout_s, f"weight broadcast ({self.backend})")
+        return SyncStats(time.perf_counter() - start, sum(m["total_bytes"] for m in metas), len(metas))
+
+
+def _free_port() -> int:
+    # Probed on the driver. On a cluster rank 0 runs on another machine, where the port may
+    # be taken; its TCPStore then fails loudly and the sync error names the phase.
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def make_weight_sync(backend: str, policy: LearnerGroup, rollout, bucket_mb: float, timeout_s: float) -> WeightSync:
+    bucket_bytes = int(bucket_mb * 2**20)
+    if backend == "object_store":
+        return ObjectStoreSync(policy, rollout, bucket_bytes, timeout_s)
+    if backend in ("gloo", "nccl"):
+        return CollectiveSync(policy, rollout, bucket_bytes, timeout_s, backend)
+    if backend == "cuda_ipc":
+        from rlhf.orchestrator.weight_sync_ipc import CudaIpcSync
+
+        return CudaIpcSync(policy, rollout, bucket_bytes, timeout_s)
+    raise ValueError(f"unknown weight sync backend {backend!r}")

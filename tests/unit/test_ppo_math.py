@@ -1,0 +1,66 @@
+"""The driver's advantage step (pure function) and prompt loading, with hand-worked values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.experience import Samples, to_sequence_batch
+from rlhf.orchestrator.ppo import make_advantages
+from rlhf.orchestrator.prompts import prompt_batches, read_dialogues
+
+
+def test_gae_with_kl_shaped_rewards_by_hand():
+    # One sequence, two response tokens. k1 KL = logp - ref = [0.1, 0.2]; beta = 0.5
+    # rewards = [-0.05, -0.1 + score 1] = [-0.05, 0.9]; V = [0.5, 0.4]; gamma = lam = 1
+    # A_1 = 0.9 + 0 - 0.4 = 0.5;  A_0 = -0.05 + 0.4 - 0.5 + A_1 = 0.35;  R = A + V = [0.85, 0.9]
+    out = make_advantages("gae", torch.tensor([1.0]), torch.tensor([[0.1, 0.2]]), torch.zeros(1, 2),
+                          torch.tensor([[0.5, 0.4]]), torch.ones(1, 2), kl_coef=0.5, kl_estimator="k1",
+                          gamma=1.0, lam=1.0, n=1, whiten=False)
+    assert_close(out.advantages, torch.tensor([[0.35, 0.5]]), atol=1e-6, rtol=0)
+    assert_close(out.returns, torch.tensor([[0.85, 0.9]]), atol=1e-6, rtol=0)
+    assert_close(out.kl, torch.tensor([[0.1, 0.2]]), atol=1e-7, rtol=0)
+
+
+def test_rloo_folds_sequence_kl_into_the_score():
+    # Group of n=2. KL sums: row 0: 0.1 + 0.1 = 0.2, row 1: 0. beta = 1 -> scores' = [0.8, 0]
+    # RLOO: A_i = r_i - mean(others) = [0.8 - 0, 0 - 0.8] = [0.8, -0.8], on every response token.
+    logp = torch.tensor([[0.1, 0.1], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    out = make_advantages("rloo", torch.tensor([1.0, 0.0]), logp, torch.zeros(2, 2), None, mask,
+                          kl_coef=1.0, kl_estimator="k1", gamma=1.0, lam=1.0, n=2, whiten=False)
+    assert_close(out.advantages, torch.tensor([[0.8, 0.8], [-0.8, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_sequence_batch_layout():
+    # Prompt [5, 6], response [7, 8]: targets are ids[1:] = [6, 7, 8]; response targets at 1, 2.
+    s = Samples([[5, 6], [9]], [[7, 8], [3]], [[-0.1, -0.2], [-0.3]], [True, False], [0, 1])
+    b = to_sequence_batch(s, pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8], [9, 3, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b.action_mask.tolist() == [[0, 1, 1], [1, 0, 0]]
+
+
+def test_dialogue_jsonl_errors_name_file_and_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    with pytest.raises(BadInput, match=r"d\.jsonl:3: malformed dialogue"):
+        read_dialogues(path)
+    path.write_text(json.dumps(good) + "\nnot json\n")
+    with pytest.raises(BadInput, match=r"d\.jsonl:2"):
+        read_dialogues(path)
+    path.write_text("\n")
+    with pytest.raises(BadInput, match="empty dataset"):
+        read_dialogues(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert read_dialogues(path) == [good["messages"]]
+
+
+def test_prompt_batches_cover_every_prompt_once_per_epoch():
+    stream = prompt_batches(6, per_step=3, seed=0)
+    first_epoch = next(stream) + next(stream)
+    assert sorted(first_epoch) == list(range(6))
