@@ -43,7 +43,7 @@ class TinyModelConfig(Section):
     intermediate_size: int = _f(256, "MLP hidden width", gt=0)
     vocab_size: int = _f(512, "target size of the byte-level BPE tokenizer trained on the task corpus", ge=300)
     max_position_embeddings: int = _f(512, "longest sequence (prompt + response) in tokens", gt=0)
-    tie_word_embeddings: bool = _f(True, "share input embedding and output projection")
+    tie_word_embeddings: bool = _f(False, "share input embedding and output projection")
 
 
 class ModelConfig(Section):
@@ -70,7 +70,7 @@ class RolloutConfig(Section):
     temperature: float = _f(1.0, "sampling temperature", gt=0)
     top_p: float = _f(1.0, "nucleus sampling mass", gt=0, le=1)
     gpu_memory_utilization: float = _f(0.5, "fraction of a GPU an engine may take", gt=0, le=1)
-    kv_cache_gib: float = _f(1.0, "KV cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    kv_cache_gib: int = _f(1, "KV cache size per engine on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE)", gt=0)
 
 
 class KLConfig(Section):
@@ -195,6 +195,10 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     tiny = cfg.model.tiny
     if tiny.num_heads % tiny.num_kv_heads:
         raise ConfigError("model.tiny.num_kv_heads", f"must divide model.tiny.num_heads = {tiny.num_heads}")
+    longest = cfg.data.max_prompt_tokens + rollout.max_new_tokens
+    if cfg.model.policy == "tiny" and longest > tiny.max_position_embeddings:
+        raise ConfigError("data.max_prompt_tokens", f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} "
+                          f"exceeds model.tiny.max_position_embeddings = {tiny.max_position_embeddings}")
     if cfg.sync.backend in ("nccl", "cuda_ipc") and cfg.placement.gpus_per_node == 0:
         raise ConfigError("sync.backend", f"{cfg.sync.backend} needs GPUs (placement.gpus_per_node is 0); "
                           "use object_store or gloo on CPU")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ray
 
+from rlhf.actors.timing import with_compute_clock
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.groups import LearnerGroup, wait_all
@@ -58,7 +59,8 @@ def start_ray(address: str | None, num_cpus: int) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
+        # address="local": always a fresh embedded cluster, never one found running here.
+        ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
@@ -70,13 +72,16 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
     from rlhf.orchestrator.rollout_group import RolloutGroup
 
     def remote(cls, role: str, index: int):
-        return ray.remote(cls).options(scheduling_strategy=pgs.strategy(role, index), **pgs.resources(role))
+        return ray.remote(with_compute_clock(cls)).options(scheduling_strategy=pgs.strategy(role, index),
+                                                           **pgs.resources(role))
 
     engines = [remote(RolloutEngine, "rollout", i).remote(
-        model_path=model_path, dtype=cfg.model.dtype, max_model_len=cfg.model.tiny.max_position_embeddings
-        if cfg.model.policy == "tiny" else None, seed=cfg.seed + i, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size) for i in range(cfg.rollout.engines)]
+        model_path=model_path, dtype=cfg.model.dtype,
+        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,
+        kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+        enforce_eager=cfg.placement.gpus_per_node == 0)  # CUDA graphs only pay off on GPUs
+        for i in range(cfg.rollout.engines)]
 
     def learner_args(section, seed_offset: int) -> LearnerArgs:
         return LearnerArgs(model_path=model_path, dtype=cfg.model.dtype, zero_stage=section.zero_stage,
@@ -93,15 +98,20 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
         critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, 1))
                                          for i in range(cfg.critic.num_ranks)], timeout_s)
     reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", 0).remote(
-        model_path=model_path, dtype=cfg.model.dtype, temperature=cfg.rollout.temperature)], timeout_s)
-    reward = ray.remote(RewardScorer).options(num_cpus=0).remote(
-        tokenizer_path=model_path, functions=dict(cfg.reward.functions), model_path=cfg.model.reward,
-        model_weight=cfg.reward.model_weight, clip=cfg.reward.clip)
+        model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size)], timeout_s)
+    # A reward model gets its own placement; rule-based functions are cheap Python and
+    # need no reserved resources.
+    reward_cls = remote(RewardScorer, "reward", 0) if cfg.model.reward else ray.remote(RewardScorer).options(num_cpus=0)
+    reward = reward_cls.remote(tokenizer_path=model_path, functions=dict(cfg.reward.functions),
+                               model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
+                               clip=cfg.reward.clip, dtype=cfg.model.dtype)
+    # Wait for every constructor (model loads, engine start) so no phase timing includes them.
+    actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
+    wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")
     for group in (policy, critic):
         if group is not None:
             group.init_process_group()
-    rollout = RolloutGroup(engines, timeout_s=timeout_s)
-    rollout.wait_ready()
+    rollout = RolloutGroup(engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size, timeout_s=timeout_s)
     sync = make_weight_sync(cfg.sync.backend, policy, rollout, cfg.sync.bucket_mb, timeout_s)
     return Roles(rollout, policy, critic, reference, reward, sync)
 

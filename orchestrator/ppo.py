@@ -78,11 +78,12 @@ class PPOTrainer:
 
         # 1. Rollout: n samples per prompt from the engines, which hold the current policy.
         with timer("generate"):
+            # Seeds advance by more than n x prompts per step so no two samples share one.
             samples = roles.rollout.generate(
-                [self.prompts.token_ids[i] for i in prompt_index], prompt_index=prompt_index, n=n,
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed * 100_003 + step,
-                timeout_s=self.timeout_s)
+                [self.prompts.token_ids[i] for i in prompt_index], n=n, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+                seed=(cfg.seed * 1_000_003 + step) * (n * len(prompt_index) + 1))
+            samples.prompt_index = [prompt_index[i] for i in samples.prompt_index]
 
         # 2. Experience: score, reference log-probs, values and the learner's own old
         #    log-probs are independent, so all four run at once; the driver waits once.
@@ -91,7 +92,8 @@ class PPOTrainer:
             mask = batch.action_mask
             samples_ref = ray.put(samples)
             refs = {"score": [roles.reward.score.remote(samples_ref, self.prompts.messages)],
-                    "ref": roles.reference.forward_refs("compute_logprobs", batch),
+                    "ref": roles.reference.forward_refs("compute_logprobs", batch,
+                                                        temperature=cfg.rollout.temperature),
                     "old": roles.policy.forward_refs("compute_logprobs", batch)}
             if use_critic:
                 refs["values"] = roles.critic.forward_refs("compute_values", batch)

@@ -30,6 +30,7 @@ class WeightSync:
 
     def __init__(self, policy: LearnerGroup, rollout, bucket_bytes: int, timeout_s: float) -> None:
         self.policy, self.rollout, self.bucket_bytes, self.timeout_s = policy, rollout, bucket_bytes, timeout_s
+        self._nbytes: int | None = None
 
     def sync(self) -> SyncStats:
         raise NotImplementedError
@@ -41,8 +42,15 @@ class ObjectStoreSync(WeightSync):
         per_rank = wait_all(self.policy.call_all("export_weight_buckets", self.bucket_bytes), self.timeout_s,
                             "policy export_weight_buckets (weight sync)")
         refs = per_rank[0]  # rank 0 holds the gathered weights; other ranks return []
-        nbytes = self.rollout.load_weight_buckets(refs, timeout_s=self.timeout_s)
-        return SyncStats(time.perf_counter() - start, nbytes, len(refs))
+        self.rollout.load_weight_buckets(refs)  # each engine fetches the buckets itself
+        return SyncStats(time.perf_counter() - start, self._bytes(), len(refs))
+
+    def _bytes(self) -> int:
+        if self._nbytes is None:  # the layout does not change between syncs
+            metas = wait_all(self.policy.ranks[0].weight_bucket_metas.remote(self.bucket_bytes), self.timeout_s,
+                             "policy weight_bucket_metas")
+            self._nbytes = sum(m["total_bytes"] for m in metas)
+        return self._nbytes
 
 
 class CollectiveSync(WeightSync):

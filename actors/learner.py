@@ -1,0 +1,443 @@
+"""DeepSpeed ZeRO learners: one data-parallel rank per object (policy or critic).
+
+These are plain classes; the driver wraps them with ``ray.remote(num_cpus=..., num_gpus=...)``
+at launch, one actor per rank, and tests do the same. Lifecycle, as the driver calls it:
+
+    ranks = [ray.remote(PolicyLearner).options(...).remote(args) for _ in range(W)]
+    host, port = ray.get(ranks[0].master_address.remote())
+    ray.get([r.init_process_group.remote(host, port, i, W) for i, r in enumerate(ranks)])
+
+Collective calls (EVERY rank must call them, concurrently, with equal-sized slices):
+init_process_group, compute_logprobs / compute_values (ZeRO-3 gathers parameters inside
+forward), train_step, export_weight_buckets, broadcast_weights, full_state_dict,
+weight_checksums, save_pretrained. Local calls (rank 0 alone is enough): master_address,
+weight_bucket_metas.
+
+Exact losses across ranks and micro-batches: the driver passes the GLOBAL token and
+sequence counts of the mini-batch; each micro-batch loss is then one part of a single sum
+(rlhf.orchestrator.rl.aggregate_loss). Gradients of the parts accumulate locally, one
+optimizer step follows per epoch, and since DeepSpeed averages gradients over ranks we
+multiply each loss by the world size: the update equals a single-process full-batch step.
+
+Runs unchanged on one CPU machine (backend "gloo", local Ray) and on GPU clusters ("nccl").
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rlhf.actors.modeling import ValueModel, load_causal_lm, resolve_dtype, sequence_logprobs
+from rlhf.actors.weights import NamedTensors, WeightGroup, bucket_to_bytes, flatten_bucket, iter_buckets
+from rlhf.orchestrator.experience import Experience, SequenceBatch
+from rlhf.orchestrator.rl import aggregate_loss, masked_mean, policy_loss, value_loss
+
+
+@dataclass(frozen=True)
+class LearnerArgs:
+    """What one learner rank needs (built from the config by the driver)."""
+
+    model_path: str  # HF folder: the initial policy (the critic is initialised from it too)
+    dtype: str = "float32"  # parameter dtype: "float32" | "bfloat16" (bf16 enables DeepSpeed bf16)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0/1/2/3
+    lr: float = 1e-6  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not on biases and norm weights)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0  # max global grad norm; None turns clipping off
+    warmup_steps: int = 0  # linear warmup over this many optimizer steps, then constant
+    micro_batch_size: int = 4  # sequences per forward/backward on this rank
+    seed: int = 0
+    temperature: float = 1.0  # sampling temperature: log-probs are of softmax(logits / T)
+    backend: str = "gloo"  # torch.distributed backend among learner ranks: "gloo" | "nccl"
+    offload: bool = False  # ZeRO-Offload: optimizer state (and ZeRO-3 params) on CPU
+    gradient_checkpointing: bool = False
+    num_threads: int = 1  # torch intra-op threads per rank (many ranks share few CPU cores)
+    logprob_chunk_size: int = 1024  # rows per block in the token log-prob kernel
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases and norm weights (1-D tensors)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _full_shape(p: Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter, also when ZeRO-3 holds only a partition of it."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
+def _trim(batch: SequenceBatch) -> SequenceBatch:
+    """Drops trailing all-padding columns (shorter forward passes)."""
+    width = int(batch.attention_mask.sum(1).max())
+    return SequenceBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width],
+                         batch.action_mask[:, : width - 1])
+
+
+def _seq_to(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
+    return SequenceBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.action_mask.to(device))
+
+
+def _exp_to(exp: Experience, device: torch.device) -> Experience:
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return Experience(_seq_to(exp.sequences, device), move(exp.old_logp), move(exp.ref_logp),
+                      move(exp.advantages), move(exp.returns), move(exp.old_values))
+
+
+class LearnerRank:
+    """One data-parallel DeepSpeed rank. Subclasses build the module and the loss."""
+
+    def __init__(self, args: LearnerArgs) -> None:
+        if args.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {args.backend!r}")
+        if args.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {args.zero_stage}")
+        self.args = args
+        self.rank, self.world_size = 0, 1
+        self.engine = None
+        self._weight_groups: dict[tuple, WeightGroup] = {}
+        torch.set_num_threads(args.num_threads)
+        torch.manual_seed(args.seed)
+
+    # ---- set-up -----------------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        """(node IP, free port) for the learners' rendezvous; ask rank 0 only."""
+        host = _node_ip()
+        return host, _free_port(host)
+
+    def init_process_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Joins the learners' process group and builds the DeepSpeed engine (all ranks)."""
+        import deepspeed
+
+        # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), so LOCAL_RANK=0.
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        self.rank, self.world_size = rank, world_size
+        deepspeed.init_distributed(dist_backend=self.args.backend, auto_mpi_discovery=False,
+                                   verbose=False)
+        module = self._build_module()
+        if self.args.gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, self.args.weight_decay),
+            config=self._ds_config(), lr_scheduler=self._scheduler)
+        self.device = self.engine.device
+        self._after_initialize()
+
+    def _ds_config(self) -> dict:
+        a = self.args
+        zero: dict = {"stage": a.zero_stage}
+        if a.offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            if a.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        return {
+            "train_micro_batch_size_per_gpu": a.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            # We own the accumulation boundary: backward() per micro-batch only accumulates,
+            # step() reduces (stage 0/1) or finalises (stage 2/3) and updates.
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": a.grad_clip or 0.0,
+            "zero_optimization": zero,
+            "bf16": {"enabled": resolve_dtype(a.dtype) == torch.bfloat16},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": a.lr, "betas": list(a.adam_betas), "eps": a.adam_eps,
+                "weight_decay": a.weight_decay, "torch_adam": True}},
+            # Keep torch's AdamW under ZeRO-Offload too (DeepSpeedCPUAdam needs a C++ build).
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """Linear warmup over warmup_steps optimizer steps, then constant."""
+        warmup = self.args.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0)
+
+    def _build_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _after_initialize(self) -> None:
+        pass
+
+    def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) in the names a checkpoint/inference engine expects."""
+        raise NotImplementedError
+
+    # ---- shared training helpers --------------------------------------------------------
+    def _micro_slices(self, n: int, epochs: int = 1) -> list[slice]:
+        """Micro-batch slices of a rank's rows; checks every rank makes the same number of
+        passes (a mismatch would otherwise hang in a collective)."""
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        mbs = self.args.micro_batch_size
+        slices = [slice(s, min(s + mbs, n)) for s in range(0, n, mbs)]
+        if self.world_size > 1:
+            counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            if int(counts[0]) != -int(counts[1]):
+                raise ValueError(f"rank {self.rank}: ranks got different numbers of micro-batches "
+                                 f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
+        return slices
+
+    def _step(self) -> tuple[float, float]:
+        """Optimizer step; returns (lr used, global grad norm before clipping)."""
+        lr = float(self.engine.get_lr()[0])
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return lr, float("nan") if norm is None else float(norm)
+
+    # ---- weights ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Full parameters on every rank inside the block (ZeRO-3); a no-op otherwise."""
+        if self.args.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def _plan_buckets(self, bucket_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
+        # Meta tensors of the full shapes let iter_buckets size buckets under ZeRO-3 too.
+        named = self._named_weights()
+        shells = [(n, torch.empty(_full_shape(p), dtype=p.dtype, device="meta")) for n, p in named]
+        params = dict(named)
+        return [[(n, params[n]) for n, _ in bucket] for bucket in iter_buckets(shells, bucket_bytes)]
+
+    def _gathered_buckets(self, bucket_bytes: int) -> Iterator[NamedTensors]:
+        """Yields each bucket's full tensors, gathered on every rank (all ranks iterate)."""
+        for bucket in self._plan_buckets(bucket_bytes):
+            with self._gathered([p for _, p in bucket]):
+                yield [(n, p.data) for n, p in bucket]
+
+    def weight_bucket_metas(self, bucket_bytes: int) -> list[dict]:
+        """BucketMeta.to_dict() of each bucket `broadcast_weights` sends (local; no gather)."""
+        return [flatten_bucket([(n, torch.empty(_full_shape(p), dtype=p.dtype, device="meta"))
+                                for n, p in bucket])[1].to_dict()
+                for bucket in self._plan_buckets(bucket_bytes)]
+
+    def export_weight_buckets(self, bucket_bytes: int) -> list:
+        """Object-store route (all ranks call): rank 0 returns one ObjectRef per bucket of
+        safetensors bytes (rlhf.actors.weights.bucket_from_bytes reads one); others []."""
+        import ray
+
+        refs = []
+        for bucket in self._gathered_buckets(bucket_bytes):
+            if self.rank == 0:
+                refs.append(ray.put(bucket_to_bytes(bucket)))
+        return refs
+
+    def broadcast_weights(self, host: str, port: int, world_size: int, bucket_bytes: int,
+                          backend: str = "gloo") -> None:
+        """Collective route (all ranks call): rank 0 joins the weight group as its rank 0
+        (made on the first call, then reused) and broadcasts every flat bucket in
+        `weight_bucket_metas` order; the receivers (ranks 1..world_size-1) must join too."""
+        group = None
+        if self.rank == 0:
+            key = (host, port, world_size, backend)
+            if key not in self._weight_groups:
+                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+                self._weight_groups[key] = WeightGroup(host, port, 0, world_size, backend, device=device)
+            group = self._weight_groups[key]
+        for bucket in self._gathered_buckets(bucket_bytes):
+            if group is not None:
+                flat, _ = flatten_bucket(bucket)
+                group.broadcast(flat, src=0)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """All weights on CPU at rank 0 (all ranks call; others get {})."""
+        state = {}
+        for bucket in self._gathered_buckets(bucket_bytes=1 << 28):
+            if self.rank == 0:
+                state.update({n: t.detach().to("cpu", copy=True) for n, t in bucket})
+        return state
+
+    def weight_checksums(self) -> dict[str, float]:
+        """Per-tensor float64 sums at rank 0 (all ranks call): compare with a receiver's."""
+        return {n: float(t.double().sum()) for n, t in self.full_state_dict().items()}
+
+    def save_pretrained(self, path: str) -> None:
+        """Rank 0 writes an HF folder (all ranks call; ZeRO-3 parameters are gathered)."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            self._save(path, state)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def _save(self, path: str, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+
+class _PolicyLogprobs(nn.Module):
+    """The policy engine's module: forward returns token log-probs, not logits.
+
+    Log-probs come from the last hidden state and the output embedding (no [B, T, V]
+    logits), so the output embedding is used outside its own module; under ZeRO-3 it is
+    registered as an external parameter of this module so DeepSpeed gathers it here.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float, chunk_size: int) -> None:
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, with_entropy: bool = False):
+        batch = SequenceBatch(input_ids, attention_mask, attention_mask[:, 1:])
+        return sequence_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+
+class PolicyLearner(LearnerRank):
+    """PPO actor: old log-probs, the clipped-surrogate update, weight export."""
+
+    def _build_module(self) -> nn.Module:
+        self.model = load_causal_lm(self.args.model_path, self.args.dtype)
+        return _PolicyLogprobs(self.model, self.args.temperature, self.args.logprob_chunk_size)
+
+    def _after_initialize(self) -> None:
+        if self.args.zero_stage == 3:
+            import deepspeed
+
+            head = self.model.get_output_embeddings()
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    deepspeed.zero.register_external_parameter(self.engine.module, p)
+
+    def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
+        # named_parameters() already lists a tied LM head once (as the input embedding);
+        # the explicit skip keeps vLLM's loader from seeing a duplicate if that changes.
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        return [(n, p) for n, p in self.model.named_parameters() if not (tied and n == "lm_head.weight")]
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: SequenceBatch) -> Tensor:
+        """This rank's slice [B, T] -> log-probs [B, T-1] float32 on CPU, 0 outside action_mask."""
+        self.engine.eval()
+        out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
+        for sl in self._micro_slices(len(batch)):
+            mb = _seq_to(_trim(batch.select(sl)), self.device)
+            logp = self.engine(mb.input_ids, mb.attention_mask)
+            out[sl, : logp.shape[1]] = logp.float().cpu()
+        return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+
+    def train_step(self, shard: Experience, clip_eps: float, dual_clip: float | None, entropy_coef: float,
+                   loss_agg: str, num_tokens: int, num_seqs: int, epochs: int = 1) -> dict[str, float]:
+        """PPO update on this rank's shard of one mini-batch: `epochs` optimizer steps.
+
+        num_tokens / num_seqs: GLOBAL counts of the mini-batch over all ranks. Returns means
+        over epochs; policy/loss is this rank's share x world size, so the mean over ranks is
+        the mini-batch loss; clipfrac/approx_kl/entropy are this rank's token means.
+        """
+        self.engine.train()
+        slices = self._micro_slices(len(shard), epochs)
+        acc: dict[str, float] = defaultdict(float)
+        for _ in range(epochs):
+            for sl in slices:
+                mb = _exp_to(shard.select(sl).trimmed(), self.device)
+                mask = mb.sequences.action_mask
+                logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True)
+                loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_eps, dual_clip,
+                                          loss_agg, num_tokens, num_seqs)
+                if entropy_coef:
+                    loss = loss - entropy_coef * aggregate_loss(entropy, mask, loss_agg, num_tokens, num_seqs)
+                # x world size: DeepSpeed averages gradients over ranks; we want their sum.
+                self.engine.backward(loss * self.world_size)
+                n_tok = float(mask.sum())
+                acc["loss"] += float(loss) * self.world_size
+                acc["clipfrac"] += float(stats.clipfrac) * n_tok
+                acc["approx_kl"] += float(stats.approx_kl) * n_tok
+                acc["entropy"] += float(masked_mean(entropy.detach(), mask)) * n_tok
+                acc["tokens"] += n_tok
+            lr, grad_norm = self._step()
+            acc["grad_norm"] += grad_norm
+        tokens = max(acc["tokens"], 1.0)
+        return {"policy/loss": acc["loss"] / epochs, "policy/clipfrac": acc["clipfrac"] / tokens,
+                "policy/approx_kl": acc["approx_kl"] / tokens, "policy/entropy": acc["entropy"] / tokens,
+                "policy/grad_norm": acc["grad_norm"] / epochs, "policy/lr": lr}
+
+    def _save(self, path: str, state: dict[str, Tensor]) -> None:
+        from transformers import AutoTokenizer
+
+        self.model.save_pretrained(path, state_dict=state)
+        AutoTokenizer.from_pretrained(self.args.model_path).save_pretrained(path)
+
+
+class CriticLearner(LearnerRank):
+    """PPO critic: values of every state, the (clipped) value-loss update."""
+
+    def _build_module(self) -> nn.Module:
+        self.model = ValueModel.from_pretrained(self.args.model_path, self.args.dtype)
+        return self.model
+
+    def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    @torch.no_grad()
+    def compute_values(self, batch: SequenceBatch) -> Tensor:
+        """This rank's slice [B, T] -> values [B, T-1] float32 on CPU, 0 outside action_mask."""
+        self.engine.eval()
+        out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
+        for sl in self._micro_slices(len(batch)):
+            mb = _seq_to(_trim(batch.select(sl)), self.device)
+            values = self.engine(mb.input_ids, mb.attention_mask)
+            out[sl, : values.shape[1]] = values.float().cpu()
+        return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+
+    def train_step(self, shard: Experience, value_clip: float | None, loss_agg: str,
+                   num_tokens: int, num_seqs: int, epochs: int = 1) -> dict[str, float]:
+        """Value-loss update on this rank's shard; same conventions as PolicyLearner.train_step."""
+        if value_clip is not None and shard.old_values is None:
+            raise ValueError("value_clip needs shard.old_values (the critic's rollout-time values)")
+        self.engine.train()
+        slices = self._micro_slices(len(shard), epochs)
+        acc: dict[str, float] = defaultdict(float)
+        for _ in range(epochs):
+            for sl in slices:
+                mb = _exp_to(shard.select(sl).trimmed(), self.device)
+                mask = mb.sequences.action_mask
+                values = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask)
+                loss, stats = value_loss(values, mb.old_values, mb.returns, mask, value_clip,
+                                         loss_agg, num_tokens, num_seqs)
+                self.engine.backward(loss * self.world_size)  # see PolicyLearner.train_step
+                n_tok = float(mask.sum())
+                acc["loss"] += float(loss) * self.world_size
+                acc["clipfrac"] += float(stats.clipfrac) * n_tok
+                acc["values"] += float(masked_mean(values.detach(), mask)) * n_tok
+                acc["tokens"] += n_tok
+            lr, grad_norm = self._step()
+            acc["grad_norm"] += grad_norm
+        tokens = max(acc["tokens"], 1.0)
+        return {"critic/loss": acc["loss"] / epochs, "critic/clipfrac": acc["clipfrac"] / tokens,
+                "critic/values_mean": acc["values"] / tokens, "critic/grad_norm": acc["grad_norm"] / epochs,
+                "critic/lr": lr}
+
+    def _save(self, path: str, state: dict[str, Tensor]) -> None:
+        self.model.save_pretrained(path, state_dict=state)

