@@ -271,6 +271,24 @@ class LearnerRank:
                 flat, _ = flatten_bucket(bucket)
                 group.broadcast(flat, src=0)
 
+    def ipc_weight_handles(self) -> dict[str, bytes]:
+        """cuda_ipc route (all ranks call; GPU only): this rank's full weights, copied into
+        buffers it keeps alive until `release_ipc_buffers`, as CUDA IPC handles keyed by this
+        rank's GPU UUID. An engine worker on the same GPU maps them (colocated placement)."""
+        from rlhf.actors.vllm_ext import ipc_handles_for
+
+        if self.device.type != "cuda":
+            raise RuntimeError("cuda_ipc weight sync needs the learner on a GPU")
+        # One bucket holding every tensor: the engine loads the whole model in one session.
+        self._ipc_buffers = [(n, t.detach().clone()) for bucket in self._gathered_buckets(1 << 62)
+                             for n, t in bucket]
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+        return {uuid: ipc_handles_for(self._ipc_buffers)}
+
+    def release_ipc_buffers(self) -> None:
+        """Frees the buffers of the last `ipc_weight_handles` (after every engine loaded them)."""
+        self._ipc_buffers = []
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """All weights on CPU at rank 0 (all ranks call; others get {})."""
         state = {}

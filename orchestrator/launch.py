@@ -19,7 +19,7 @@ from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.logger import RunLogger
-from rlhf.orchestrator.placement import create_placement_groups, plan_resources, preflight
+from rlhf.orchestrator.placement import create_placement_groups, plan_resources
 from rlhf.orchestrator.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
 from rlhf.orchestrator.rundir import prepare_run_dir
 from rlhf.orchestrator.weight_sync import make_weight_sync
@@ -101,7 +101,8 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
         model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size)], timeout_s)
     # A reward model gets its own placement; rule-based functions are cheap Python and
     # need no reserved resources.
-    reward_cls = remote(RewardScorer, "reward", 0) if cfg.model.reward else ray.remote(RewardScorer).options(num_cpus=0)
+    reward_cls = (remote(RewardScorer, "reward", 0) if cfg.model.reward
+                  else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0))
     reward = reward_cls.remote(tokenizer_path=model_path, functions=dict(cfg.reward.functions),
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
                                clip=cfg.reward.clip, dtype=cfg.model.dtype)
@@ -116,9 +117,26 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
     return Roles(rollout, policy, critic, reference, reward, sync)
 
 
-def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
-            address: str | None = None, timeout_s: float = 600.0) -> dict:
-    from tqdm import tqdm
+@dataclass
+class PPOSession:
+    """Everything a PPO run holds between start-up and shutdown."""
+
+    cfg: ExperimentConfig
+    out: Path
+    roles: Roles
+    trainer: object   # PPOTrainer
+    prompts: object   # PromptSet
+    batches: object   # iterator of prompt-index batches
+    pgs: object       # PlacementGroups
+
+    def close(self) -> None:
+        self.roles.rollout.shutdown()
+        self.pgs.remove()
+
+
+def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None,
+              timeout_s: float = 600.0) -> PPOSession:
+    """Validates inputs, resolves the model, starts Ray, places and launches every role."""
     from transformers import AutoTokenizer
 
     from rlhf.orchestrator.ppo import PPOTrainer
@@ -136,31 +154,43 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
     prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
 
     start_ray(address, int(plan.total("CPU")))
-    preflight(plan)
-    pgs = create_placement_groups(plan, cfg.placement.timeout_s)
-    started = time.perf_counter()
-    roles = launch_roles(cfg, model_path, pgs, timeout_s)
+    pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
+    try:
+        roles = launch_roles(cfg, model_path, pgs, timeout_s)
+    except BaseException:
+        pgs.remove()  # the actors die with their groups
+        raise
     trainer = PPOTrainer(cfg, roles, prompts, tokenizer.pad_token_id, timeout_s)
-    steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
-    logger = RunLogger(out, cfg.logger, cfg.name, cfg.model_dump(mode="json"))
     batches = prompt_batches(len(prompts.token_ids), cfg.ppo.prompts_per_step, cfg.seed)
+    return PPOSession(cfg, out, roles, trainer, prompts, batches, pgs)
+
+
+def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
+            address: str | None = None, timeout_s: float = 600.0) -> dict:
+    """`rlhf ppo`: the steps with a progress bar, metrics to the logger, the final policy saved."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    session = start_ppo(cfg, out_dir, address, timeout_s)
+    steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
+    logger = RunLogger(session.out, cfg.logger, cfg.name, cfg.model_dump(mode="json"))
+    policy_dir = session.out / "checkpoints" / "final" / "policy"
     history = []
     try:
         bar = tqdm(range(1, steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
         for step in bar:
-            metrics = trainer.step(step, next(batches))
-            metrics["data/prompts_truncated"] = prompts.truncated
+            metrics = session.trainer.step(step, next(session.batches))
+            metrics["data/prompts_truncated"] = session.prompts.truncated
             logger.log(metrics)
             history.append(metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
-        policy_dir = out / "checkpoints" / "final" / "policy"
-        wait_all(roles.policy.call_all("save_pretrained", str(policy_dir)), timeout_s, "policy save_pretrained")
+        wait_all(session.roles.policy.call_all("save_pretrained", str(policy_dir)), timeout_s,
+                 "policy save_pretrained")
     finally:
         logger.close()
-        roles.rollout.shutdown()
-        pgs.remove()
+        session.close()
     first, last = history[0], history[-1]
-    elapsed = time.perf_counter() - started
-    print(f"ppo done: {steps} steps in {elapsed:.0f}s; reward/mean {first['reward/mean']:.3f} -> "
-          f"{last['reward/mean']:.3f}, kl/mean {last['kl/mean']:.3f}; policy in {policy_dir}")
-    return {"history": history, "policy_dir": policy_dir, "out": out}
+    print(f"ppo done: {steps} steps in {time.perf_counter() - started:.0f}s; reward/mean "
+          f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, kl/mean {last['kl/mean']:.3f}; "
+          f"policy in {policy_dir}")
+    return {"history": history, "policy_dir": policy_dir, "out": session.out}

@@ -20,7 +20,7 @@ import torch
 
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
-from rlhf.orchestrator.groups import wait_all
+from rlhf.orchestrator.groups import Scattered, wait_all
 from rlhf.orchestrator.rl import (AdaptiveKLController, AdvantageInputs, AdvantageParams, FixedKLController,
                                   compute_advantages, masked_mean, masked_sum, masked_whiten, shape_rewards)
 
@@ -71,6 +71,7 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.target is not None
                        else FixedKLController(kl.coef))
         self.rng = random.Random(cfg.seed)
+        self._messages_ref = ray.put(prompts.messages)  # the reward actor's prompt texts, sent once
 
     def step(self, step: int, prompt_index: list[int]) -> dict:
         cfg, roles, timer = self.cfg, self.roles, PhaseTimer()
@@ -89,14 +90,13 @@ class PPOTrainer:
         #    log-probs are independent, so all four run at once; the driver waits once.
         with timer("experience"):
             batch = to_sequence_batch(samples, self.pad_id)
-            mask = batch.action_mask
-            samples_ref = ray.put(samples)
-            refs = {"score": [roles.reward.score.remote(samples_ref, self.prompts.messages)],
-                    "ref": roles.reference.forward_refs("compute_logprobs", batch,
+            mask, scattered = batch.action_mask, Scattered(batch)
+            refs = {"score": [roles.reward.score.remote(samples, self._messages_ref)],
+                    "ref": roles.reference.forward_refs("compute_logprobs", scattered,
                                                         temperature=cfg.rollout.temperature),
-                    "old": roles.policy.forward_refs("compute_logprobs", batch)}
+                    "old": roles.policy.forward_refs("compute_logprobs", scattered)}
             if use_critic:
-                refs["values"] = roles.critic.forward_refs("compute_values", batch)
+                refs["values"] = roles.critic.forward_refs("compute_values", scattered)
             flat = [r for group in refs.values() for r in group]
             got = iter(wait_all(flat, self.timeout_s, "experience (reward, reference, policy, critic forward)"))
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
@@ -115,7 +115,7 @@ class PPOTrainer:
         with timer("train"):
             policy_refs, critic_refs = [], []
             for _ in range(cfg.ppo.epochs):
-                minibatches = self._minibatches(exp)
+                minibatches = [Scattered(mb) for mb in self._minibatches(exp)]
                 policy_refs += roles.policy.train_refs(
                     minibatches, clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip,
                     entropy_coef=cfg.ppo.entropy_coef, loss_agg=cfg.ppo.loss_agg)

@@ -97,6 +97,10 @@ class RolloutGroup:
         refs = [e.load_weight_buckets.remote(list(bucket_refs)) for e in self.engines]
         return self.wait(refs, "load_weight_buckets")
 
+    def load_ipc_handles(self, handles: dict[str, bytes]) -> list[int]:
+        """cuda_ipc route: each engine worker loads the weights shared on its own GPU."""
+        return self.wait([e.load_ipc_handles.remote(handles) for e in self.engines], "load_ipc_handles")
+
     def init_weight_group_refs(self, host: str, port: int, world_size: int, backend: str = "gloo") -> list[ray.ObjectRef]:
         """Engine e's TP workers join as ranks 1 + e * tp ... ; the sender must join as rank 0.
 

@@ -35,6 +35,14 @@ class WeightSync:
     def sync(self) -> SyncStats:
         raise NotImplementedError
 
+    def _bytes(self) -> int:
+        """Bytes of weights one sync sends (asked once: the layout does not change)."""
+        if self._nbytes is None:
+            metas = wait_all(self.policy.ranks[0].weight_bucket_metas.remote(self.bucket_bytes), self.timeout_s,
+                             "policy weight_bucket_metas")
+            self._nbytes = sum(m["total_bytes"] for m in metas)
+        return self._nbytes
+
 
 class ObjectStoreSync(WeightSync):
     def sync(self) -> SyncStats:
@@ -45,12 +53,6 @@ class ObjectStoreSync(WeightSync):
         self.rollout.load_weight_buckets(refs)  # each engine fetches the buckets itself
         return SyncStats(time.perf_counter() - start, self._bytes(), len(refs))
 
-    def _bytes(self) -> int:
-        if self._nbytes is None:  # the layout does not change between syncs
-            metas = wait_all(self.policy.ranks[0].weight_bucket_metas.remote(self.bucket_bytes), self.timeout_s,
-                             "policy weight_bucket_metas")
-            self._nbytes = sum(m["total_bytes"] for m in metas)
-        return self._nbytes
 
 
 class CollectiveSync(WeightSync):

@@ -43,11 +43,16 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+# Every engine test runs once per model: untied, then tied input embedding and LM head
+# (like Qwen2.5-0.5B). Module-scoped params: pytest runs all tests of one engine, stops it,
+# then starts the next, so only one engine runs at a time (the tied one adds ~30 s).
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def model_dir(request, tmp_path_factory):
+    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
 
-    return build_tiny_from_corpus(sample_corpus(), tmp_path_factory.mktemp("rollout") / "tiny", seed=0)
+    tied = request.param
+    out = tmp_path_factory.mktemp("rollout") / ("tiny-tied" if tied else "tiny")
+    return build_tiny_from_corpus(sample_corpus(), out, TinyModelSpec(tie_word_embeddings=tied), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +75,9 @@ def hf(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if model.config.tie_word_embeddings:
+        # perturb_ must move the LM head with the embedding, as the learner's model does.
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -98,7 +106,10 @@ def perturb_(model, seed: int, scale: float = 0.05) -> list[tuple[str, torch.Ten
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g))
-    return [(n, p.detach()) for n, p in model.named_parameters()]
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    # As the learner exports them: a tied LM head is sent only as model.embed_tokens.weight.
+    assert any(n == "lm_head.weight" for n, _ in named) == (not model.config.tie_word_embeddings)
+    return named
 
 
 def fixed_sequences(prompts) -> list[list[int]]:

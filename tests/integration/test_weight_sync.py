@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
+from rlhf.orchestrator.groups import Scattered
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def _policy(ray, model_dir, zero_stage):
 
 
 def _learner_logprobs(ray, policy, batch):
-    return torch.cat(ray.get(policy.forward_refs("compute_logprobs", batch), timeout=TIMEOUT_S))
+    return torch.cat(ray.get(policy.forward_refs("compute_logprobs", Scattered(batch)), timeout=TIMEOUT_S))
 
 
 def _engine_logprobs(ray, rollout, batch):
@@ -89,7 +90,7 @@ def _random_update(ray, policy, batch):
     old = _learner_logprobs(ray, policy, batch)
     adv = torch.randn(mask.shape, generator=g) * mask
     exp = Experience(batch, old, old.clone(), adv, adv.clone())
-    stats = ray.get(policy.train_refs([exp], clip_eps=0.2, dual_clip=None, entropy_coef=0.0,
+    stats = ray.get(policy.train_refs([Scattered(exp)], clip_eps=0.2, dual_clip=None, entropy_coef=0.0,
                                       loss_agg="token_mean")[0], timeout=TIMEOUT_S)
     assert all(torch.isfinite(torch.tensor(s["policy/loss"])) for s in stats)
 
@@ -101,7 +102,11 @@ def test_sync_makes_engine_logprobs_equal_the_learners(ray_local, model_dir, rol
     prompt_ids, pad_id = prompts
     policy = _policy(ray_local, model_dir, zero_stage)
     try:
-        # Step 0: the engine samples; the learner scores the same tokens; ratio = 1.
+        # The engine is shared by both parametrizations and holds whatever the previous one
+        # synced; start from the new learners' initial weights. (A fresh engine at step 0
+        # is checked by test_ppo_tiny: rollout/logprob_gap at step 1.)
+        make_weight_sync("object_store", policy, rollout, bucket_mb=0.1, timeout_s=TIMEOUT_S).sync()
+        # The engine samples; the learner scores the same tokens; the PPO ratio is 1.
         samples = rollout.generate(prompt_ids, n=2, temperature=1.0, max_new_tokens=12, seed=zero_stage)
         batch = to_sequence_batch(samples, pad_id)
         learner = _learner_logprobs(ray_local, policy, batch)
