@@ -271,6 +271,18 @@ class LearnerRank:
                 flat, _ = flatten_bucket(bucket)
                 group.broadcast(flat, src=0)
 
+    @torch.no_grad()
+    def _forward_tokens(self, batch: SequenceBatch) -> Tensor:
+        """The engine's per-token output (log-probs or values) on this rank's slice, in
+        micro-batches: [B, T] -> [B, T-1] float32 on CPU, 0 outside action_mask."""
+        self.engine.eval()
+        out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
+        for sl in self._micro_slices(len(batch)):
+            mb = _seq_to(_trim(batch.select(sl)), self.device)
+            per_token = self.engine(mb.input_ids, mb.attention_mask)
+            out[sl, : per_token.shape[1]] = per_token.float().cpu()
+        return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+
     def ipc_weight_handles(self) -> dict[str, bytes]:
         """cuda_ipc route (all ranks call; GPU only): this rank's full weights, copied into
         buffers it keeps alive until `release_ipc_buffers`, as CUDA IPC handles keyed by this
@@ -355,16 +367,9 @@ class PolicyLearner(LearnerRank):
         tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
         return [(n, p) for n, p in self.model.named_parameters() if not (tied and n == "lm_head.weight")]
 
-    @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch) -> Tensor:
         """This rank's slice [B, T] -> log-probs [B, T-1] float32 on CPU, 0 outside action_mask."""
-        self.engine.eval()
-        out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-        for sl in self._micro_slices(len(batch)):
-            mb = _seq_to(_trim(batch.select(sl)), self.device)
-            logp = self.engine(mb.input_ids, mb.attention_mask)
-            out[sl, : logp.shape[1]] = logp.float().cpu()
-        return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+        return self._forward_tokens(batch)
 
     def train_step(self, shard: Experience, clip_eps: float, dual_clip: float | None, entropy_coef: float,
                    loss_agg: str, num_tokens: int, num_seqs: int, epochs: int = 1) -> dict[str, float]:
@@ -418,16 +423,9 @@ class CriticLearner(LearnerRank):
     def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.model.named_parameters())
 
-    @torch.no_grad()
     def compute_values(self, batch: SequenceBatch) -> Tensor:
         """This rank's slice [B, T] -> values [B, T-1] float32 on CPU, 0 outside action_mask."""
-        self.engine.eval()
-        out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-        for sl in self._micro_slices(len(batch)):
-            mb = _seq_to(_trim(batch.select(sl)), self.device)
-            values = self.engine(mb.input_ids, mb.attention_mask)
-            out[sl, : values.shape[1]] = values.float().cpu()
-        return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+        return self._forward_tokens(batch)
 
     def train_step(self, shard: Experience, value_clip: float | None, loss_agg: str,
                    num_tokens: int, num_seqs: int, epochs: int = 1) -> dict[str, float]:

@@ -65,15 +65,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    # address="local": always a fresh Ray of our own, never a cluster another process started.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_from_corpus(sample_corpus(), tmp_path_factory.mktemp("learners") / "tiny",
                                   spec=TinyModelSpec(hidden_size=128, num_layers=2), seed=0)

@@ -34,15 +34,6 @@ BUCKET_BYTES = 100_000
 TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # address="local": always a fresh cluster owned by this module, never one found running.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
 # Every engine test runs once per model: untied, then tied input embedding and LM head
 # (like Qwen2.5-0.5B). Module-scoped params: pytest runs all tests of one engine, stops it,
 # then starts the next, so only one engine runs at a time (the tied one adds ~30 s).

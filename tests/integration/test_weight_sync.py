@@ -20,14 +20,6 @@ ATOL = 1e-4  # float32 everywhere; measured agreement is ~1e-6
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
 
