@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from rlhf.actors.modeling import ValueModel, load_causal_lm, resolve_dtype, sequence_logprobs
 from rlhf.actors.weights import NamedTensors, WeightGroup, bucket_to_bytes, flatten_bucket, iter_buckets
-from rlhf.orchestrator.experience import Experience, SequenceBatch
+from rlhf.orchestrator.experience import Experience, SequenceBatch, dialogue_batch
 from rlhf.orchestrator.rl import aggregate_loss, masked_mean, policy_loss, value_loss
 
 
@@ -391,6 +391,10 @@ class PolicyLearner(LearnerRank):
                                           loss_agg, num_tokens, num_seqs)
                 if entropy_coef:
                     loss = loss - entropy_coef * aggregate_loss(entropy, mask, loss_agg, num_tokens, num_seqs)
+                if self._ptx_coef:
+                    ptx = self._ptx_nll() / len(slices)
+                    loss = loss + self._ptx_coef * ptx
+                    acc["ptx_loss"] += float(ptx) * len(slices)
                 # x world size: DeepSpeed averages gradients over ranks; we want their sum.
                 self.engine.backward(loss * self.world_size)
                 n_tok = float(mask.sum())
@@ -402,9 +406,34 @@ class PolicyLearner(LearnerRank):
             lr, grad_norm = self._step()
             acc["grad_norm"] += grad_norm
         tokens = max(acc["tokens"], 1.0)
-        return {"policy/loss": acc["loss"] / epochs, "policy/clipfrac": acc["clipfrac"] / tokens,
-                "policy/approx_kl": acc["approx_kl"] / tokens, "policy/entropy": acc["entropy"] / tokens,
-                "policy/grad_norm": acc["grad_norm"] / epochs, "policy/lr": lr}
+        stats = {"policy/loss": acc["loss"] / epochs, "policy/clipfrac": acc["clipfrac"] / tokens,
+                 "policy/approx_kl": acc["approx_kl"] / tokens, "policy/entropy": acc["entropy"] / tokens,
+                 "policy/grad_norm": acc["grad_norm"] / epochs, "policy/lr": lr}
+        if self._ptx_coef:
+            stats["policy/ptx_loss"] = acc["ptx_loss"] / (epochs * len(slices))
+        return stats
+
+    # ---- PPO-ptx (InstructGPT): the SFT log-likelihood mixed into the policy loss ---------
+    _ptx_coef: float = 0.0
+
+    def set_ptx_data(self, rows: list[tuple[list[int], list[int]]], coef: float, pad_id: int) -> None:
+        """Demonstrations (token ids, assistant mask) whose NLL is added to every micro-batch's
+        loss with weight `coef`. Each rank draws its own micro-batches (seeded by rank)."""
+        import random
+
+        self._ptx_rows, self._ptx_coef, self._ptx_pad = list(rows), float(coef), pad_id
+        self._ptx_rng = random.Random(self.args.seed * 1000 + self.rank)
+
+    def _ptx_nll(self) -> Tensor:
+        """Mean NLL of the assistant tokens of one random micro-batch of demonstrations.
+
+        Departs from exact token-mean aggregation on purpose: the ptx term is a regulariser,
+        averaged per micro-batch (and over ranks by DeepSpeed), not a sum over a global batch.
+        """
+        rows = self._ptx_rng.sample(self._ptx_rows, min(self.args.micro_batch_size, len(self._ptx_rows)))
+        batch = _seq_to(_trim(dialogue_batch(rows, self._ptx_pad)), self.device)
+        logp = self.engine(batch.input_ids, batch.attention_mask)
+        return -masked_mean(logp, batch.action_mask) / self.world_size  # undone by the x world size below
 
     def _save(self, path: str, state: dict[str, Tensor]) -> None:
         from transformers import AutoTokenizer

@@ -81,7 +81,8 @@ class KLConfig(Section):
 
 
 class RewardConfig(Section):
-    functions: dict[str, float] = _f({}, "named reward functions (orchestrator/rewards.py) and their weights")
+    functions: dict[str, float] = _f({}, "named reward functions and rules (orchestrator/rewards.py) with weights")
+    forbidden_phrases: list[str] = _f([], "phrases the `forbidden_phrase` rule penalises (Sparrow-style rule)")
     model_weight: float = _f(1.0, "weight of the reward model's score (when model.reward is set)", ge=0)
     clip: Optional[float] = _f(None, "clip the combined score to [-clip, clip]; null = off", gt=0)
 
@@ -140,6 +141,15 @@ class LoggerConfig(Section):
     wandb_mode: Literal["auto", "online", "offline"] = _f("auto", "auto = online with WANDB_API_KEY, else offline")
 
 
+class DataSourceConfig(Section):
+    """An extra file of demonstrations for SFT, mixed in by weight."""
+
+    path: str = _f("", "JSONL file: one dialogue ({\"messages\": [...]}) or one instruction pair per line")
+    format: Literal["dialogue", "instruction"] = _f(
+        "dialogue", "dialogue: {messages: [{role, content}]}; instruction: {instruction, response}")
+    weight: float = _f(1.0, "sampling weight relative to the task's dialogues (weight 1)", gt=0)
+
+
 class SFTConfig(Section):
     num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
@@ -147,6 +157,9 @@ class SFTConfig(Section):
     batch_size: int = _f(16, "dialogues per optimizer step", gt=0)
     micro_batch_size: int = _f(8, "dialogues per forward/backward on one worker", gt=0)
     epochs: int = _f(1, "passes over the demonstration data", gt=0)
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
+    max_tokens: int = _f(256, "dialogues are cut to this many tokens", gt=0)
+    sources: list[DataSourceConfig] = _f([], "extra demonstration files mixed into the task's dialogues")
 
 
 class RewardModelConfig(Section):
@@ -155,7 +168,16 @@ class RewardModelConfig(Section):
     lr: float = _f(1e-4, "AdamW learning rate", gt=0)
     prompts_per_batch: int = _f(8, "prompts per optimizer step (each with all its K replies)", gt=0)
     epochs: int = _f(1, "passes over the comparisons (InstructGPT: 1, to avoid overfitting)", gt=0)
-    replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=2, le=9)
+    replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=4, le=9)
+    prompts_per_round: int = _f(64, "prompts whose K replies are ranked in each round", gt=0)
+    held_out_fraction: float = _f(0.1, "share of compared prompts kept out of training for accuracy", ge=0, lt=1)
+    labeler: Literal["simulated", "file"] = _f("simulated", "who ranks replies: the task's scorer, or a file")
+    rankings_file: Optional[str] = _f(None, "JSONL of rankings made by people (labeler: file)")
+
+
+class PipelineConfig(Section):
+    rounds: int = _f(2, "rounds of (collect comparisons -> train reward model -> PPO) after SFT", gt=0)
+    eval_prompts: int = _f(64, "held-out prompts for the per-round evaluation", gt=0)
 
 
 class ExperimentConfig(Section):
@@ -175,6 +197,7 @@ class ExperimentConfig(Section):
     logger: LoggerConfig = _f(LoggerConfig(), "metric logging")
     sft: SFTConfig = _f(SFTConfig(), "supervised fine-tuning stage")
     rm: RewardModelConfig = _f(RewardModelConfig(), "reward-model stage")
+    pipeline: PipelineConfig = _f(PipelineConfig(), "the SFT -> (comparisons -> RM -> PPO) x rounds recipe")
 
 
 def check_consistency(cfg: ExperimentConfig) -> None:
@@ -211,6 +234,8 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if sft.batch_size % (sft.micro_batch_size * sft.num_workers):
         raise ConfigError("sft.micro_batch_size", f"micro_batch_size x sft.num_workers = "
                           f"{sft.micro_batch_size * sft.num_workers} must divide sft.batch_size = {sft.batch_size}")
+    if cfg.rm.labeler == "file" and not cfg.rm.rankings_file:
+        raise ConfigError("rm.rankings_file", "rm.labeler=file needs a rankings file")
     if cfg.rm.prompts_per_batch % cfg.rm.num_workers:
         raise ConfigError("rm.num_workers", f"must divide rm.prompts_per_batch = {cfg.rm.prompts_per_batch}")
 

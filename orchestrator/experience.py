@@ -68,6 +68,20 @@ def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
     return SequenceBatch(input_ids, attention_mask, action_mask)
 
 
+def dialogue_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    """Pads (token ids, loss mask) pairs of demonstration dialogues into a `SequenceBatch`;
+    the action mask marks targets whose loss mask is 1 (assistant tokens, for SFT and ptx)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        loss_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.float32)
+    return SequenceBatch(input_ids, attention_mask, loss_mask[:, 1:])
+
+
 @dataclass
 class Experience:
     """One step's training data for the policy and critic learners (token tensors [B, T-1])."""

@@ -24,6 +24,7 @@ import torch
 from rlhf.kernels.logprobs import token_logprobs
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.experience import SequenceBatch, dialogue_batch
 from rlhf.orchestrator.rl.masked import masked_mean
 from rlhf.orchestrator.rundir import MetricsLog, prepare_run_dir
 from rlhf.orchestrator.tasks import arithmetic
@@ -46,27 +47,15 @@ def _encode(tokenizer, dialogues: list[list[dict]], max_len: int) -> list[tuple[
     return out
 
 
-def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_mask) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        mask[i, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.float32)
-        attn[i, : len(row_ids)] = 1
-    return ids, mask, attn
-
-
-def sft_loss(model, ids: torch.Tensor, loss_mask: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def sft_loss(model, batch: SequenceBatch) -> torch.Tensor:
     """Mean negative log-likelihood of the assistant tokens.
 
     Token t is predicted from positions < t, so hidden state t scores token t+1; the loss
     mask of the *target* token decides whether it counts.
     """
-    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
-    logp = token_logprobs(hidden[:, :-1], model.lm_head.weight, ids[:, 1:])
-    return -masked_mean(logp, loss_mask[:, 1:])
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logp = token_logprobs(hidden[:, :-1], model.lm_head.weight, batch.input_ids[:, 1:])
+    return -masked_mean(logp, batch.action_mask)
 
 
 @torch.no_grad()
@@ -137,7 +126,7 @@ def run_quickstart(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | 
                 rng.shuffle(order)
             batch = [rows[order.pop()] for _ in range(min(cfg.sft.batch_size, len(order)))]
             tick = time.perf_counter()
-            loss = sft_loss(model, *_collate(batch, tokenizer.pad_token_id))
+            loss = sft_loss(model, dialogue_batch(batch, tokenizer.pad_token_id))
             opt.zero_grad()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
