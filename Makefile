@@ -1,5 +1,7 @@
 # Two commands do all the set-up on a fresh machine (README.md):
-#   make run    create .venv if needed, then run the quickstart on CPU
+#   make run    create .venv if needed, then run the quickstart pipeline on CPU
+#               (SFT -> 2 rounds of comparisons -> reward model -> PPO); a second
+#               `make run` resumes the same run folder and skips finished stages
 #   make test   create .venv if needed, then run the whole test suite
 PY ?= python3
 VENV := .venv
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/rlhf quickstart configs/quickstart.yaml --out runs/quickstart
+	$(BIN)/rlhf pipeline configs/quickstart.yaml --out runs/quickstart $(if $(wildcard runs/quickstart/pipeline_state.json),--resume)
 
 test: $(STAMP)
 	$(BIN)/pytest

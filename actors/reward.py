@@ -1,6 +1,7 @@
 """Reward actor: scores replies with a reward model and/or named Python reward functions.
 
-Several sources combine with weights; each component is returned so the driver logs it
+Several sources combine with weights (preference functions, Sparrow-style rules and the
+reward model); each component is returned unweighted so the driver logs it
 (`reward/<name>`). A plain class: the driver wraps it with `ray.remote` at launch.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.orchestrator.experience import Samples
-from rlhf.orchestrator.rewards import REWARD_FUNCTIONS
+from rlhf.orchestrator.rewards import RuleParams, bind_reward_functions
 
 
 @dataclass
@@ -21,14 +22,16 @@ class RewardScores:
 
 class RewardScorer:
     def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
-                 model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32") -> None:
+                 model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32",
+                 forbidden_phrases: list[str] | None = None) -> None:
+        """`functions`: name -> weight (orchestrator/rewards.py); `forbidden_phrases` feeds the
+        `forbidden_phrase` rule (required when that rule is named)."""
         from transformers import AutoTokenizer
 
-        unknown = set(functions) - set(REWARD_FUNCTIONS)
-        if unknown:
-            raise ValueError(f"unknown reward functions: {sorted(unknown)}")
         if not functions and model_path is None:
             raise ValueError("no reward source: give a reward model or at least one function")
+        # Bind rule parameters once here; raises ValueError for unknown names or missing params.
+        self.bound = bind_reward_functions(functions, RuleParams(forbidden_phrases=tuple(forbidden_phrases or ())))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.functions, self.model_weight, self.clip = dict(functions), model_weight, clip
         self.model = None
@@ -42,8 +45,7 @@ class RewardScorer:
         """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`."""
         replies = self.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
         components: dict[str, list[float]] = {}
-        for name in self.functions:
-            fn = REWARD_FUNCTIONS[name]
+        for name, fn in self.bound.items():
             components[name] = [float(fn(prompts[p], text, ids)) for p, text, ids in
                                 zip(samples.prompt_index, replies, samples.response_ids)]
         weights = dict(self.functions)
@@ -57,7 +59,8 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model_scores(self, samples: Samples) -> list[float]:
-        """The reward model's scalar at the last token of prompt + reply."""
+        """The reward model's scalar at the last token of prompt + reply, minus the model's
+        `config.reward_offset` (set by the RM stage so demonstrations score 0 on average)."""
         seqs = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -68,4 +71,5 @@ class RewardScorer:
         hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
         per_token = self.model.score(hidden).squeeze(-1)  # [B, T]
         last = attn.sum(1) - 1
-        return per_token[torch.arange(len(seqs)), last].float().tolist()
+        offset = float(getattr(self.model.config, "reward_offset", 0.0) or 0.0)
+        return (per_token[torch.arange(len(seqs)), last].float() - offset).tolist()

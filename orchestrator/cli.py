@@ -2,8 +2,10 @@
 
     rlhf config show CONFIG [dotted.key=value ...]   print the resolved config as YAML
     rlhf config keys                                 every key with type, default, meaning
-    rlhf quickstart CONFIG [overrides] [--out DIR] [--max-steps N]
     rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
+    rlhf sft CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
+    rlhf pipeline CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
+    rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
 
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
 """
@@ -37,15 +39,6 @@ def _cmd_config_keys(args) -> int:
     return EXIT_OK
 
 
-def _cmd_quickstart(args) -> int:
-    from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.quickstart import run_quickstart
-
-    cfg = load_config(args.config, args.overrides)
-    run_quickstart(cfg, out_dir=args.out, max_steps=args.max_steps)
-    return EXIT_OK
-
-
 def _cmd_ppo(args) -> int:
     from rlhf.orchestrator.config import load_config
     from rlhf.orchestrator.launch import run_ppo
@@ -53,6 +46,59 @@ def _cmd_ppo(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address)
     return EXIT_OK
+
+
+def _cmd_pipeline(args) -> int:
+    from rlhf.orchestrator.config import load_config
+    from rlhf.orchestrator.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    run_pipeline(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, resume=args.resume,
+                 max_steps=args.max_steps)
+    return EXIT_OK
+
+
+def _cmd_sft(args) -> int:
+    from rlhf.orchestrator.config import load_config
+    from rlhf.orchestrator.pipeline import run_sft_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_sft_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
+    return EXIT_OK
+
+
+def _add_run_command(sub, name: str, help: str, func, resume: bool = False) -> None:
+    """The shared shape of run commands: CONFIG [overrides] [--out] [--max-steps] [--address]."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    cmd.add_argument("--out", default=None, help="output folder (default: runs/NAME)")
+    cmd.add_argument("--max-steps", type=_positive_int, default=None,
+                     help="stop each training stage after N optimizer/PPO steps (smoke runs)")
+    cmd.add_argument("--address", default=None,
+                     help="Ray cluster to join (e.g. auto or HOST:6379); default: an embedded local Ray")
+    if resume:
+        cmd.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished stages")
+    cmd.set_defaults(func=func)
+
+
+def _cmd_chat(args) -> int:
+    from rlhf.orchestrator.chat import run_chat
+
+    run_chat(args.checkpoint, once=args.once, system=args.system, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, seed=args.seed)
+    return EXIT_OK
+
+
+def _add_chat(sub) -> None:
+    chat = sub.add_parser("chat", help="talk to a model folder (multi-turn; --once for one reply)")
+    chat.add_argument("checkpoint", help="Hugging Face model folder, e.g. runs/NAME/checkpoints/final/policy")
+    chat.add_argument("--once", default=None, metavar="TEXT", help="answer this one message and exit")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="system message opening the conversation")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=128, help="longest reply in tokens")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed")
+    chat.set_defaults(func=_cmd_chat)
 
 
 def _positive_int(text: str) -> int:
@@ -75,22 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys = config_sub.add_parser("keys", help="list every config key with its type, default and meaning")
     keys.set_defaults(func=_cmd_config_keys)
 
-    quick = sub.add_parser("quickstart", help="build the tiny model for the task, warm it up, sample and score")
-    quick.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
-    quick.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    quick.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    quick.add_argument("--max-steps", type=_positive_int, default=None,
-                       help="stop the warm-up after N optimizer steps")
-    quick.set_defaults(func=_cmd_quickstart)
 
-    ppo = sub.add_parser("ppo", help="PPO against the configured reward, on Ray")
-    ppo.add_argument("config", help="experiment YAML, e.g. configs/ppo-tiny.yaml")
-    ppo.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    ppo.add_argument("--out", default=None, help="output folder (default: runs/NAME)")
-    ppo.add_argument("--max-steps", type=_positive_int, default=None, help="stop after N PPO steps")
-    ppo.add_argument("--address", default=None,
-                     help="Ray cluster to join (e.g. auto or HOST:6379); default: an embedded local Ray")
-    ppo.set_defaults(func=_cmd_ppo)
+    _add_run_command(sub, "ppo", "PPO against the configured reward, on Ray", _cmd_ppo)
+    _add_run_command(sub, "sft", "supervised fine-tuning on demonstrations (Ray Train + DeepSpeed)", _cmd_sft)
+    _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
+                     _cmd_pipeline, resume=True)
+    _add_chat(sub)
     return parser
 
 

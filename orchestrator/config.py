@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import typing
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -56,7 +57,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     task: Optional[str] = _f("arithmetic", "built-in task that provides prompts and a simulated labeler; null = files")
     task_size: int = _f(4096, "demonstration dialogues the built-in task generates", gt=0)
-    train: Optional[str] = _f(None, "JSONL of dialogues for training prompts (overrides the task's)")
+    train: Optional[str] = _f(None, "JSONL of dialogues: PPO prompts (instead of the task's) and extra SFT demonstrations")
     eval: Optional[str] = _f(None, "JSONL of held-out dialogues")
     max_prompt_tokens: int = _f(256, "longest prompt in tokens", gt=0)
     prompt_overflow: Literal["truncate", "reject"] = _f("truncate", "what to do with longer prompts (counted either way)")
@@ -230,6 +231,8 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             near = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1, cutoff=0.5)
             hint = f"did you mean '{near[0]}'?" if near else f"known: {', '.join(sorted(REWARD_FUNCTIONS))}"
             raise ConfigError(f"reward.functions.{name}", f"unknown reward function; {hint}")
+    if "forbidden_phrase" in cfg.reward.functions and not all(p.strip() for p in cfg.reward.forbidden_phrases or [""]):
+        raise ConfigError("reward.forbidden_phrases", "the forbidden_phrase rule needs at least one non-empty phrase")
     sft = cfg.sft
     if sft.batch_size % (sft.micro_batch_size * sft.num_workers):
         raise ConfigError("sft.micro_batch_size", f"micro_batch_size x sft.num_workers = "
@@ -306,7 +309,7 @@ def _is_leaf(path: tuple) -> bool:
     """True if `path` names an existing key of the schema that holds a value, not a section."""
     section = _section_at(path)
     field = section.model_fields.get(path[-1]) if section else None
-    return field is not None and not _is_section(field.annotation)
+    return field is not None and not _is_section(field.annotation) and typing.get_origin(field.annotation) is not dict
 
 
 def _section_at(loc: tuple) -> type[BaseModel] | None:

@@ -64,7 +64,22 @@ def start_ray(address: str | None, num_cpus: int) -> None:
                  _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
-def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) -> Roles:
+@dataclass(frozen=True)
+class ModelPaths:
+    """Which folder each role loads. In the pipeline the reference is the SFT model and the
+    critic starts from the reward model (InstructGPT); a plain `rlhf ppo` uses the policy."""
+
+    policy: str
+    reference: str
+    critic: str
+
+
+def model_paths(cfg: ExperimentConfig, policy: str, reference: str | None = None) -> ModelPaths:
+    critic = cfg.model.reward if (cfg.critic.init == "reward" and cfg.model.reward) else policy
+    return ModelPaths(policy=policy, reference=reference or policy, critic=critic)
+
+
+def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float) -> Roles:
     from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
     from rlhf.actors.reference import ReferenceModel
     from rlhf.actors.reward import RewardScorer
@@ -76,14 +91,14 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
                                                            **pgs.resources(role))
 
     engines = [remote(RolloutEngine, "rollout", i).remote(
-        model_path=model_path, dtype=cfg.model.dtype,
+        model_path=paths.policy, dtype=cfg.model.dtype,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         enforce_eager=cfg.placement.gpus_per_node == 0)  # CUDA graphs only pay off on GPUs
         for i in range(cfg.rollout.engines)]
 
-    def learner_args(section, seed_offset: int) -> LearnerArgs:
+    def learner_args(section, model_path: str, seed_offset: int) -> LearnerArgs:
         return LearnerArgs(model_path=model_path, dtype=cfg.model.dtype, zero_stage=section.zero_stage,
                            lr=section.lr, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
                            warmup_steps=section.warmup_steps, micro_batch_size=cfg.ppo.micro_batch_size,
@@ -91,21 +106,22 @@ def launch_roles(cfg: ExperimentConfig, model_path: str, pgs, timeout_s: float) 
                            backend="nccl" if cfg.placement.gpus_per_node else "gloo", offload=section.offload,
                            gradient_checkpointing=section.gradient_checkpointing)
 
-    policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, 0))
+    policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, paths.policy, 0))
                                      for i in range(cfg.policy.num_ranks)], timeout_s)
     critic = None
     if cfg.ppo.advantage == "gae":
-        critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, 1))
+        critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, paths.critic, 1))
                                          for i in range(cfg.critic.num_ranks)], timeout_s)
     reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", 0).remote(
-        model_path=model_path, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size)], timeout_s)
+        model_path=paths.reference, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size)], timeout_s)
     # A reward model gets its own placement; rule-based functions are cheap Python and
     # need no reserved resources.
     reward_cls = (remote(RewardScorer, "reward", 0) if cfg.model.reward
                   else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0))
-    reward = reward_cls.remote(tokenizer_path=model_path, functions=dict(cfg.reward.functions),
+    reward = reward_cls.remote(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
-                               clip=cfg.reward.clip, dtype=cfg.model.dtype)
+                               clip=cfg.reward.clip, dtype=cfg.model.dtype,
+                               forbidden_phrases=list(cfg.reward.forbidden_phrases))
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
     actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")
@@ -135,8 +151,12 @@ class PPOSession:
 
 
 def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None,
-              timeout_s: float = 600.0) -> PPOSession:
-    """Validates inputs, resolves the model, starts Ray, places and launches every role."""
+              timeout_s: float = 600.0, reference: str | None = None,
+              ptx_rows: list | None = None) -> PPOSession:
+    """Validates inputs, resolves the model, starts Ray, places and launches every role.
+
+    `reference`: folder of the KL reference (default: the initial policy). `ptx_rows`:
+    encoded demonstrations for PPO-ptx (needed when ppo.ptx_coef > 0)."""
     from transformers import AutoTokenizer
 
     from rlhf.orchestrator.ppo import PPOTrainer
@@ -155,8 +175,16 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
 
     start_ray(address, int(plan.total("CPU")))
     pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
+    if cfg.ppo.ptx_coef > 0 and ptx_rows is None:
+        from rlhf.orchestrator.dialogues import encode_dialogues
+
+        ptx_rows = encode_dialogues(tokenizer, dialogues, cfg.sft.max_tokens).rows
     try:
-        roles = launch_roles(cfg, model_path, pgs, timeout_s)
+        roles = launch_roles(cfg, model_paths(cfg, model_path, reference), pgs, timeout_s)
+        if cfg.ppo.ptx_coef > 0:
+            rows_ref = ray.put(ptx_rows)  # once, shared by every rank
+            wait_all(roles.policy.call_all("set_ptx_data", rows_ref, cfg.ppo.ptx_coef, tokenizer.pad_token_id),
+                     timeout_s, "policy set_ptx_data")
     except BaseException:
         pgs.remove()  # the actors die with their groups
         raise
@@ -166,12 +194,12 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
 
 
 def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
-            address: str | None = None, timeout_s: float = 600.0) -> dict:
+            address: str | None = None, timeout_s: float = 600.0, reference: str | None = None) -> dict:
     """`rlhf ppo`: the steps with a progress bar, metrics to the logger, the final policy saved."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    session = start_ppo(cfg, out_dir, address, timeout_s)
+    session = start_ppo(cfg, out_dir, address, timeout_s, reference=reference)
     steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
     logger = RunLogger(session.out, cfg.logger, cfg.name, cfg.model_dump(mode="json"))
     policy_dir = session.out / "checkpoints" / "final" / "policy"

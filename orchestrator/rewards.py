@@ -1,19 +1,34 @@
-"""Python reward functions, registered by name and combined with weights in config.
+"""Python reward functions and Sparrow-style rules, registered by name, weighted in config.
 
     reward:
-      functions: {arithmetic: 1.0, digit_fraction: 0.5}
+      functions: {arithmetic: 1.0, forbidden_phrase: 0.5, no_repetition: 0.2}
+      forbidden_phrases: ["as an ai", "i cannot"]
 
 Each function scores one reply: `fn(prompt_messages, reply_text, reply_ids) -> float`.
-The reward actor evaluates every configured function (and the reward model, if any), logs
-each component as `reward/<name>`, and sums them with their weights.
+Two kinds share the registry:
+- preference functions (`digit_fraction`, `arithmetic`): what a labeler would reward;
+- rules (`forbidden_phrase`, `no_repetition`): penalties, always <= 0, 0 for a clean reply.
+  Sparrow (Glaese et al., 2022) scores rule violations apart from preference and adds them
+  with their own weights, so each rule stays visible as its own metric.
+
+Some rules take parameters from config (`forbidden_phrase` needs the phrase list). The
+registry holds them unbound (with harmless defaults) so config validation can check names;
+`build_reward_functions` / `bind_reward_functions` return closures with the parameters
+bound, which is what the reward actor calls. The reward actor logs each component as
+`reward/<name>` and sums them with their weights.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from rlhf.orchestrator.tasks import arithmetic
 
 RewardFn = Callable[[list[dict], str, list[int]], float]
+
+# n of the word n-grams `no_repetition` counts (Welleck et al., 2019, "rep-n").
+REPETITION_NGRAM = 3
 
 
 def digit_fraction(prompt: list[dict], reply: str, reply_ids: list[int]) -> float:
@@ -31,7 +46,74 @@ def arithmetic_labeler(prompt: list[dict], reply: str, reply_ids: list[int]) -> 
     return arithmetic.score_reply(prompt, reply)
 
 
+def forbidden_phrase(prompt: list[dict], reply: str, reply_ids: list[int], *,
+                     phrases: tuple[str, ...] = ()) -> float:
+    """Rule: -1 per occurrence of any forbidden phrase in the reply, case-insensitive.
+
+    Occurrences are counted without overlap per phrase (str.count), summed over phrases.
+    Unbound (no phrases) it scores 0; `bind_reward_functions` binds `reward.forbidden_phrases`.
+    """
+    text = reply.lower()
+    return -float(sum(text.count(phrase.lower()) for phrase in phrases))
+
+
+def no_repetition(prompt: list[dict], reply: str, reply_ids: list[int]) -> float:
+    """Rule: minus the share of repeated word n-grams, -(1 - unique/total), in [-1, 0].
+
+    Words are the reply's lower-cased whitespace-separated tokens; n = REPETITION_NGRAM.
+    A reply with fewer than n words has no n-gram and scores 0.
+    """
+    words = reply.lower().split()
+    grams = [tuple(words[i: i + REPETITION_NGRAM]) for i in range(len(words) - REPETITION_NGRAM + 1)]
+    return -(1.0 - len(set(grams)) / len(grams)) if grams else 0.0
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "digit_fraction": digit_fraction,
     "arithmetic": arithmetic_labeler,
+    "forbidden_phrase": forbidden_phrase,
+    "no_repetition": no_repetition,
 }
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    """Parameters rules take from config (`reward.*`), as plain values."""
+
+    forbidden_phrases: tuple[str, ...] = ()  # phrases `forbidden_phrase` penalises
+
+
+def _bind_forbidden_phrase(params: RuleParams) -> RewardFn:
+    phrases = tuple(params.forbidden_phrases)
+    if not phrases:
+        raise ValueError("reward function forbidden_phrase needs reward.forbidden_phrases (got none)")
+    if any(not p.strip() for p in phrases):
+        raise ValueError(f"reward.forbidden_phrases must not hold empty phrases, got {list(phrases)!r}")
+    return functools.partial(forbidden_phrase, phrases=phrases)
+
+
+# Rules with parameters: name -> binder (params -> bound function). Others are used as is.
+_BINDERS: dict[str, Callable[[RuleParams], RewardFn]] = {
+    "forbidden_phrase": _bind_forbidden_phrase,
+}
+
+
+def bind_reward_functions(names: Iterable[str], params: RuleParams = RuleParams()) -> dict[str, RewardFn]:
+    """`{name: fn}` for each registered name, rules bound to `params`.
+
+    Raises ValueError for an unknown name, or a rule whose parameters are missing.
+    """
+    names = list(names)
+    unknown = sorted(set(names) - set(REWARD_FUNCTIONS))
+    if unknown:
+        raise ValueError(f"unknown reward functions: {unknown}; known: {sorted(REWARD_FUNCTIONS)}")
+    return {name: _BINDERS[name](params) if name in _BINDERS else REWARD_FUNCTIONS[name] for name in names}
+
+
+def build_reward_functions(reward_cfg) -> dict[str, RewardFn]:
+    """The configured functions (`reward.functions` names) bound to `reward.*` parameters.
+
+    `reward_cfg` is a `RewardConfig` (orchestrator/config.py).
+    """
+    params = RuleParams(forbidden_phrases=tuple(reward_cfg.forbidden_phrases))
+    return bind_reward_functions(reward_cfg.functions, params)

@@ -93,6 +93,10 @@ BAD = [
     ("- a\n- b\n", [], "top level must be a mapping", ""),
     ("name: x\nrollout:\n  engins: 2\n", [], "rollout.engins", "did you mean 'rollout.engines'"),
     ("seed: -1\n", [], "seed", "greater than or equal to 0"),
+    (None, ["reward.functions={forbidden_phrase: 1.0}"], "reward.forbidden_phrases", "non-empty phrase"),
+    (None, ["reward.functions.digit_fracton=1"], "reward.functions.digit_fracton", "did you mean 'digit_fraction'"),
+    (None, ["rm.labeler=file"], "rm.rankings_file", "needs a rankings file"),
+    (None, ["data.max_prompt_tokens=250"], "data.max_prompt_tokens", "exceeds model.tiny.max_position_embeddings"),
     ("model:\n  tiny:\n    num_heads: 3\n    num_kv_heads: 2\n", [], "model.tiny.num_kv_heads", "must divide"),
 ]
 

@@ -1,0 +1,88 @@
+"""`rlhf pipeline` end to end, shortened to one round and few steps, through the real CLI.
+
+Checks that every stage produced its artefacts, that comparisons landed in SQLite with
+provenance, that a finished run resumes without redoing anything, and that `rlhf chat`
+answers with the final policy.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.orchestrator.comparisons import ComparisonStore
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+RLHF = str(Path(sys.executable).with_name("rlhf"))
+SHORT = ["data.task_size=512", "pipeline.rounds=1", "pipeline.eval_prompts=8", "rm.prompts_per_round=24",
+         "rm.epochs=1", "sft.max_steps=40", "ppo.steps=3", "ppo.prompts_per_step=8", "ppo.train_batch_size=16"]
+
+
+def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RLHF, "pipeline", str(ROOT / "configs" / "quickstart.yaml"), *SHORT, "--out", str(out),
+                           *extra], capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = _pipeline(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_every_stage_leaves_its_artefacts(run):
+    out, proc = run
+    assert "pipeline done:" in proc.stdout
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert list(state) == ["sft", "round1/comparisons", "round1/rm", "round1/ppo", "round1/eval"]
+    for folder in (out / "sft" / "checkpoint", out / "round1" / "rm" / "checkpoint",
+                   out / "round1" / "ppo" / "checkpoints" / "final" / "policy"):
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), folder
+    assert (out / "round1" / "rm" / "checkpoint" / "value_head.safetensors").is_file()  # the critic's start
+    ev = json.loads((out / "round1" / "eval.json").read_text())
+    for key in ("rm_pairwise_accuracy", "labeler_score/sft", "labeler_score/final", "win_rate_vs_sft"):
+        assert key in ev
+    assert 0.0 <= ev["win_rate_vs_sft"] <= 1.0
+    assert (out / "round1" / "report.md").read_text().count("|") > 10
+    assert (out / "round1" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["peak_rss_gib"] > 0.1
+
+
+def test_comparisons_landed_in_sqlite_with_provenance(run):
+    out, _ = run
+    with ComparisonStore(out / "comparisons.sqlite") as store:
+        comparisons = store.load()
+    assert len(comparisons) == 24
+    sft = str(out / "sft" / "checkpoint")
+    for c in comparisons:
+        assert c.round == 1 and c.policy == sft and c.prompt_id.startswith("task-0-")
+        assert len(c.replies) == 4 == len(c.ranks)  # K replies, each ranked
+        assert c.prompt_messages[-1]["role"] == "user"
+
+
+def test_finished_run_resumes_without_redoing_and_refuses_without_resume(run):
+    out, _ = run
+    refused = _pipeline(out)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    before = (out / "pipeline_state.json").read_text()
+    resumed = _pipeline(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "pipeline_state.json").read_text() == before
+    with ComparisonStore(out / "comparisons.sqlite") as store:
+        assert store.count() == 24
+
+
+def test_chat_answers_with_the_final_policy(run):
+    out, _ = run
+    policy = out / "round1" / "ppo" / "checkpoints" / "final" / "policy"
+    proc = subprocess.run([RLHF, "chat", str(policy), "--once", "What is 2 + 3?", "--max-new-tokens", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
