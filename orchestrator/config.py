@@ -179,6 +179,7 @@ class RewardModelConfig(Section):
 class PipelineConfig(Section):
     rounds: int = _f(2, "rounds of (collect comparisons -> train reward model -> PPO) after SFT", gt=0)
     eval_prompts: int = _f(64, "held-out prompts for the per-round evaluation", gt=0)
+    eval_samples: int = _f(4, "sampled replies per held-out prompt (each prompt's score is their mean)", gt=0)
 
 
 class ExperimentConfig(Section):

@@ -156,7 +156,8 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 state.mark(f"round{r}/ppo", checkpoint=result["policy_dir"])
             policy = state.stages[f"round{r}/ppo"]["checkpoint"]
             if not state.done(f"round{r}/eval"):
-                ev = evaluate_policies(policy, sft, eval_prompts, score_fn, max_new_tokens=cfg.rollout.max_new_tokens,
+                ev = evaluate_policies(policy, sft, eval_prompts, score_fn, n_samples=cfg.pipeline.eval_samples,
+                                       max_new_tokens=cfg.rollout.max_new_tokens,
                                        temperature=cfg.rollout.temperature, seed=cfg.seed)
                 ev["rm_pairwise_accuracy"] = rm_stage["accuracy"]
                 rows = [json.loads(line) for line in (rd / "ppo" / "metrics.jsonl").read_text().splitlines()]
