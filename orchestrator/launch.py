@@ -39,9 +39,11 @@ def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]
     """The initial policy folder: built from the task corpus for `tiny`, else the name/path as given."""
     if cfg.model.policy != "tiny":
         path = Path(cfg.model.policy)
-        if (path.is_absolute() or cfg.model.policy.startswith(".")) and not path.is_dir():
+        if path.is_dir():
+            return str(path.resolve())  # actors run in other working directories
+        if path.is_absolute() or cfg.model.policy.startswith(".") or (path.parent != Path(".") and path.parent.is_dir()):
             raise BadInput(f"model.policy: no such model folder: {path}")
-        return cfg.model.policy
+        return cfg.model.policy  # a hub name such as Qwen/Qwen2.5-0.5B-Instruct
     from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, is_complete_model_dir
 
     model_dir = out / "init_model"

@@ -36,7 +36,8 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
     A folder that already holds a config of a different experiment (another `name`) is
     refused rather than mixed into.
     """
-    out = Path(out_dir)
+    # Absolute: actors and Ray Train workers run in other working directories.
+    out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
         raise BadInput(f"output folder {out} exists and is not a folder")
     existing = out / "config.yaml"

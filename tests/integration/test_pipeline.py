@@ -24,8 +24,9 @@ SHORT = ["data.task_size=512", "pipeline.rounds=1", "pipeline.eval_prompts=8", "
 
 
 def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RLHF, "pipeline", str(ROOT / "configs" / "quickstart.yaml"), *SHORT, "--out", str(out),
-                           *extra], capture_output=True, text=True, timeout=1500)
+    # A relative --out, as `make run` passes: Ray Train workers and actors run elsewhere.
+    return subprocess.run([RLHF, "pipeline", str(ROOT / "configs" / "quickstart.yaml"), *SHORT, "--out", out.name,
+                           *extra], capture_output=True, text=True, timeout=1500, cwd=out.parent)
 
 
 @pytest.fixture(scope="module")

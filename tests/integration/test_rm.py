@@ -32,14 +32,6 @@ N_PROMPTS, K = 100, 4
 RAMBLE = " Let me also tell you a great deal more about this number than you asked."
 
 
-@pytest.fixture(scope="module")
-def ray_rm():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _replies(rng: random.Random, question: str) -> list[str]:
     a, op, b = arithmetic._FIRST.fullmatch(question).groups()
     value = arithmetic._OPS[op](int(a), int(b))
@@ -79,7 +71,7 @@ def setup(tmp_path_factory):
     return root, model, comparisons, demos
 
 
-def test_rm_learns_shifts_and_initialises_critic(ray_rm, setup):
+def test_rm_learns_shifts_and_initialises_critic(ray_local, setup):
     from rlhf.actors.modeling import ValueModel
     from rlhf.actors.reward import RewardScorer
     from rlhf.orchestrator.experience import Samples
@@ -128,7 +120,7 @@ def test_rm_learns_shifts_and_initialises_critic(ray_rm, setup):
     assert float(values[-1]) == pytest.approx(expected, abs=1e-4)
 
 
-def test_rm_zero3_without_demonstrations_or_held_out(ray_rm, setup):
+def test_rm_zero3_without_demonstrations_or_held_out(ray_local, setup):
     """ZeRO-3 (parameters gathered for saving), --max-steps, no held-out share, and the shift
     falling back to the best (rank-0) replies when no demonstration is given."""
     from rlhf.orchestrator.rm import run_rm

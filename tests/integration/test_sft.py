@@ -31,14 +31,6 @@ CFG = {"seed": 0, "data": {"task": "arithmetic", "task_size": 384},
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     texts = ["\n".join(f"{m['role']}: {m['content']}" for m in d) for d in arithmetic.make_dialogues(512, seed=0)]
     spec = TinyModelSpec(vocab_size=384, max_position_embeddings=256)
