@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 SHORT = ["data.task_size=512", "pipeline.rounds=1", "pipeline.eval_prompts=8", "rm.prompts_per_round=24",
-         "rm.epochs=1", "sft.max_steps=40", "ppo.steps=3", "ppo.prompts_per_step=8", "ppo.train_batch_size=16"]
+         "rm.epochs=1", "sft.max_steps=40", "ppo.steps=3", "ppo.prompts_per_step=8", "ppo.train_batch_size=16",
+         "ppo.ptx_coef=0.1"]
 
 
 def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -54,6 +55,9 @@ def test_every_stage_leaves_its_artefacts(run):
     assert (out / "round1" / "report.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["peak_rss_gib"] > 0.1
+    # PPO-ptx: the demonstrations' NLL is mixed into the policy loss and logged.
+    ppo_rows = [json.loads(line) for line in (out / "round1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["policy/ptx_loss"] > 0 for r in ppo_rows)
 
 
 def test_comparisons_landed_in_sqlite_with_provenance(run):
