@@ -91,13 +91,6 @@ def _full_shape(p: Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
 
-def _trim(batch: SequenceBatch) -> SequenceBatch:
-    """Drops trailing all-padding columns (shorter forward passes)."""
-    width = int(batch.attention_mask.sum(1).max())
-    return SequenceBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width],
-                         batch.action_mask[:, : width - 1])
-
-
 def _seq_to(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
     return SequenceBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.action_mask.to(device))
 
@@ -278,7 +271,7 @@ class LearnerRank:
         self.engine.eval()
         out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
         for sl in self._micro_slices(len(batch)):
-            mb = _seq_to(_trim(batch.select(sl)), self.device)
+            mb = _seq_to(batch.select(sl).trimmed(), self.device)
             per_token = self.engine(mb.input_ids, mb.attention_mask)
             out[sl, : per_token.shape[1]] = per_token.float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
@@ -431,7 +424,7 @@ class PolicyLearner(LearnerRank):
         averaged per micro-batch (and over ranks by DeepSpeed), not a sum over a global batch.
         """
         rows = self._ptx_rng.sample(self._ptx_rows, min(self.args.micro_batch_size, len(self._ptx_rows)))
-        batch = _seq_to(_trim(dialogue_batch(rows, self._ptx_pad)), self.device)
+        batch = _seq_to(dialogue_batch(rows, self._ptx_pad).trimmed(), self.device)
         logp = self.engine(batch.input_ids, batch.attention_mask)
         return -masked_mean(logp, batch.action_mask) / self.world_size  # undone by the x world size below
 

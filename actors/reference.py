@@ -31,9 +31,8 @@ class ReferenceModel:
         out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
         for s in range(0, len(batch), self.micro_batch_size):
             sl = slice(s, s + self.micro_batch_size)
-            mb = batch.select(sl)
-            width = int(mb.attention_mask.sum(1).max())  # drop all-padding columns
-            mb = SequenceBatch(mb.input_ids[:, :width].to(self.device), mb.attention_mask[:, :width].to(self.device),
-                               mb.action_mask[:, : width - 1])
-            out[sl, : width - 1] = sequence_logprobs(self.model, mb, temperature, self.chunk_size).float().cpu()
+            mb = batch.select(sl).trimmed()
+            mb = SequenceBatch(mb.input_ids.to(self.device), mb.attention_mask.to(self.device), mb.action_mask)
+            out[sl, : mb.action_mask.shape[1]] = sequence_logprobs(self.model, mb, temperature,
+                                                                   self.chunk_size).float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))

@@ -53,6 +53,12 @@ class SequenceBatch:
         """`n` equal consecutive parts (n must divide B): one per data-parallel rank."""
         return [self.select(s) for s in _even_slices(len(self), n)]
 
+    def trimmed(self) -> "SequenceBatch":
+        """Drops trailing all-padding columns (shorter forward passes for a micro-batch)."""
+        width = int(self.attention_mask.sum(1).max())
+        return SequenceBatch(self.input_ids[:, :width], self.attention_mask[:, :width],
+                             self.action_mask[:, : width - 1])
+
 
 def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
     """Pads prompt+response ids into a `SequenceBatch`."""
@@ -107,9 +113,8 @@ class Experience:
 
     def trimmed(self) -> "Experience":
         """Drops trailing all-padding columns (shorter forward passes for a micro-batch)."""
-        width = int(self.sequences.attention_mask.sum(1).max())
-        seq = SequenceBatch(self.sequences.input_ids[:, :width], self.sequences.attention_mask[:, :width],
-                            self.sequences.action_mask[:, : width - 1])
+        seq = self.sequences.trimmed()
+        width = seq.input_ids.shape[1]
         cut = lambda t: None if t is None else t[:, : width - 1]  # noqa: E731
         return replace(self, sequences=seq, old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp),
                        advantages=cut(self.advantages), returns=cut(self.returns), old_values=cut(self.old_values))

@@ -37,6 +37,7 @@ from rlhf.actors.learner import LearnerArgs, PolicyLearner, param_groups
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.errors import BadInput, RemoteCallFailed
+from rlhf.orchestrator.experience import dialogue_batch
 from rlhf.orchestrator.prompts import prompt_batches
 from rlhf.orchestrator.rl import aggregate_loss
 
@@ -84,28 +85,16 @@ def global_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> list[
     return [next(stream) for _ in range(steps)]
 
 
-def collate(rows: list[Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, T] long, assistant mask [B, T] float, attention mask [B, T] long."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_mask) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        mask[i, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.float32)
-        attn[i, : len(row_ids)] = 1
-    return ids, mask, attn
-
-
 def target_tokens(rows: list[Row]) -> int:
     """Assistant tokens that are prediction targets (position 0 never is)."""
     return sum(sum(mask[1:]) for _, mask in rows)
 
 
-def sft_nll_part(logp: torch.Tensor, mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """logp [B, T-1] of targets ids[:, 1:]; mask [B, T] assistant mask of ids. Returns this
-    micro-batch's part of the global token-mean NLL: sum(-logp * mask[:, 1:]) / num_tokens."""
-    return aggregate_loss(-logp, mask[:, 1:], "token_mean", num_tokens=num_tokens)
+def sft_nll_part(logp: torch.Tensor, target_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """logp [B, T-1] of targets ids[:, 1:]; target_mask [B, T-1] (1 on assistant targets, as in
+    `dialogue_batch(...).action_mask`). Returns this micro-batch's part of the global
+    token-mean NLL: sum(-logp * target_mask) / num_tokens."""
+    return aggregate_loss(-logp, target_mask, "token_mean", num_tokens=num_tokens)
 
 
 class SFTLearner(PolicyLearner):
@@ -142,8 +131,9 @@ class SFTLearner(PolicyLearner):
         self.engine.train()
         local = 0.0
         for sl in self._micro_slices(len(shard)):
-            ids, mask, attn = (t.to(self.device) for t in collate(shard[sl], self.pad_id))
-            loss = sft_nll_part(self.engine(ids, attn), mask, num_tokens)
+            mb = dialogue_batch(shard[sl], self.pad_id)
+            logp = self.engine(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))
+            loss = sft_nll_part(logp, mb.action_mask.to(self.device), num_tokens)
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; we want the sum
             local += float(loss)
         lr, grad_norm = self._step()

@@ -15,7 +15,8 @@ import torch
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.dialogues import encode_dialogues, load_sft_dialogues
-from rlhf.orchestrator.sft import (METRIC_KEYS, collate, global_batches, plan_steps, run_sft, target_tokens,
+from rlhf.orchestrator.experience import dialogue_batch
+from rlhf.orchestrator.sft import (METRIC_KEYS, global_batches, plan_steps, run_sft, target_tokens,
                                    worker_failure)
 from rlhf.orchestrator.tasks import arithmetic
 from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus
@@ -66,12 +67,13 @@ def test_first_step_loss_equals_single_process_full_batch_loss(sft_run, model_di
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = encode_dialogues(tokenizer, load_sft_dialogues(cfg, cfg.seed), cfg.sft.max_tokens).rows
     first = [data[i] for i in global_batches(len(data), cfg.sft.batch_size, cfg.seed, 1)[0]]
-    ids, mask, attn = collate(first, tokenizer.pad_token_id)
+    batch = dialogue_batch(first, tokenizer.pad_token_id)
+    ids, attn, target_mask = batch.input_ids, batch.attention_mask, batch.action_mask
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
-        nll = -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask[:, 1:]).sum() / mask[:, 1:].sum()
-    assert rows[0]["sft/tokens"] == target_tokens(first) == int(mask[:, 1:].sum())
+        nll = -(logp.gather(-1, ids[:, 1:, None])[..., 0] * target_mask).sum() / target_mask.sum()
+    assert rows[0]["sft/tokens"] == target_tokens(first) == int(target_mask.sum())
     assert rows[0]["sft/loss"] == pytest.approx(float(nll), abs=1e-5)
 
 
