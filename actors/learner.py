@@ -10,7 +10,8 @@ at launch, one actor per rank, and tests do the same. Lifecycle, as the driver c
 Collective calls (EVERY rank must call them, concurrently, with equal-sized slices):
 init_process_group, compute_logprobs / compute_values (ZeRO-3 gathers parameters inside
 forward), train_step, export_weight_buckets, broadcast_weights, full_state_dict,
-weight_checksums, save_pretrained. Local calls (rank 0 alone is enough): master_address,
+weight_checksums, save_pretrained, save_checkpoint, load_checkpoint (weight export lives in
+rlhf.actors.learner_weights). Local calls (rank 0 alone is enough): master_address,
 weight_bucket_metas.
 
 Exact losses across ranks and micro-batches: the driver passes the GLOBAL token and
@@ -23,18 +24,17 @@ Runs unchanged on one CPU machine (backend "gloo", local Ray) and on GPU cluster
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rlhf.actors.modeling import ValueModel, load_causal_lm, resolve_dtype, sequence_logprobs
-from rlhf.actors.weights import NamedTensors, WeightGroup, bucket_to_bytes, flatten_bucket, iter_buckets
+from rlhf.actors.learner_weights import WeightExport, _full_shape
+from rlhf.actors.weights import WeightGroup
 from rlhf.orchestrator.experience import Experience, SequenceBatch, dialogue_batch
 from rlhf.orchestrator.rl import aggregate_loss, masked_mean, policy_loss, value_loss
 
@@ -60,6 +60,7 @@ class LearnerArgs:
     gradient_checkpointing: bool = False
     num_threads: int = 1  # torch intra-op threads per rank (many ranks share few CPU cores)
     logprob_chunk_size: int = 1024  # rows per block in the token log-prob kernel
+    packing: bool = False  # pack each micro-batch's sequences into one row (rlhf.actors.modeling)
 
 
 def _free_port(host: str) -> int:
@@ -80,15 +81,11 @@ def _node_ip() -> str:
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases and norm weights (1-D tensors)."""
+    """AdamW groups: decay on matrices, none on biases and norm weights (1-D tensors). Under
+    ZeRO-3 every partitioned parameter is 1-D locally, so its full shape decides."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def _full_shape(p: Tensor) -> tuple[int, ...]:
-    """Shape of the whole parameter, also when ZeRO-3 holds only a partition of it."""
-    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    return [{"params": [p for p in params if len(_full_shape(p)) >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if len(_full_shape(p)) < 2], "weight_decay": 0.0}]
 
 
 def _seq_to(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
@@ -101,7 +98,7 @@ def _exp_to(exp: Experience, device: torch.device) -> Experience:
                       move(exp.advantages), move(exp.returns), move(exp.old_values))
 
 
-class LearnerRank:
+class LearnerRank(WeightExport):
     """One data-parallel DeepSpeed rank. Subclasses build the module and the loss."""
 
     def __init__(self, args: LearnerArgs) -> None:
@@ -135,9 +132,19 @@ class LearnerRank:
         module = self._build_module()
         if self.args.gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = self._ds_config()
+        if self.args.zero_stage == 3:
+            # Partition parameter by parameter BEFORE initialize, which would otherwise move the
+            # whole module onto the device first (a 70B model fits no single GPU). The CPU holds
+            # one full copy per rank while loading.
+            from deepspeed.accelerator import get_accelerator
+
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
+            for buf in module.buffers():  # zero.Init moves parameters only (e.g. rotary inv_freq)
+                buf.data = buf.data.to(get_accelerator().current_device_name())
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, self.args.weight_decay),
-            config=self._ds_config(), lr_scheduler=self._scheduler)
+            config=config, lr_scheduler=self._scheduler)
         self.device = self.engine.device
         self._after_initialize()
 
@@ -205,64 +212,81 @@ class LearnerRank:
         norm = self.engine.get_global_grad_norm()
         return lr, float("nan") if norm is None else float(norm)
 
-    # ---- weights ------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Full parameters on every rank inside the block (ZeRO-3); a no-op otherwise."""
-        if self.args.zero_stage == 3:
-            import deepspeed
+    def _train(self, shard: Experience, epochs: int, micro_loss) -> dict[str, float]:
+        """`epochs` optimizer steps on this rank's shard. `micro_loss(mb, n_micro)` returns the
+        micro-batch's loss part and token-weighted stat sums; the loop backpropagates, guards
+        and steps. Returns summed stats plus loss, tokens, grad_norm, lr, skips, micro_batches."""
+        self.engine.train()
+        slices = self._micro_slices(len(shard), epochs)
+        acc: dict[str, float] = defaultdict(float)
+        for _ in range(epochs):
+            finite = True
+            for sl in slices:
+                mb = _exp_to(shard.select(sl).trimmed(), self.device)
+                loss, parts = micro_loss(mb, len(slices))
+                if self._inject_nonfinite > 0:  # fault injection (tests): poison this update's loss
+                    loss = loss * float("nan")
+                finite &= bool(torch.isfinite(loss))
+                # x world size: DeepSpeed averages gradients over ranks; we want their sum.
+                self.engine.backward(loss * self.world_size)
+                acc["loss"] += float(loss) * self.world_size
+                acc["tokens"] += float(mb.sequences.action_mask.sum())
+                for key, value in parts.items():
+                    acc[key] += value
+            self._inject_nonfinite = max(0, self._inject_nonfinite - 1)
+            applied, acc["lr"], grad_norm = self._guarded_step(finite)
+            acc["grad_norm"] += grad_norm if applied else 0.0
+            acc["skips"] += 0.0 if applied else 1.0
+        acc["micro_batches"] = len(slices)
+        return acc
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield
-        else:
-            yield
+    def _guarded_step(self, local_finite: bool) -> tuple[bool, float, float]:
+        """Optimizer step unless any rank saw a non-finite loss or gradient: then EVERY rank
+        drops this update together (a rank stepping alone would desynchronise the replicas).
 
-    def _plan_buckets(self, bucket_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
-        # Meta tensors of the full shapes let iter_buckets size buckets under ZeRO-3 too.
-        named = self._named_weights()
-        shells = [(n, torch.empty(_full_shape(p), dtype=p.dtype, device="meta")) for n, p in named]
-        params = dict(named)
-        return [[(n, params[n]) for n, _ in bucket] for bucket in iter_buckets(shells, bucket_bytes)]
+        Returns (applied, lr, grad norm). ZeRO 1-3 already skip (and clear) a step whose global
+        gradient norm is not finite; stage 0 does not, so its local gradients are checked here
+        and cleared by hand. The all-reduce makes the decision identical on every rank."""
+        if self.args.zero_stage == 0 and local_finite:
+            local_finite = all(bool(torch.isfinite(p.grad).all()) for p in self.engine.module.parameters()
+                               if p.grad is not None)
+        bad = torch.tensor([0.0 if local_finite else 1.0], device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        lr = float(self.engine.get_lr()[0])
+        if bad.item() and self.args.zero_stage == 0:
+            self.engine.zero_grad()  # nothing was reduced yet: stage 0 reduces inside step()
+            return False, lr, float("nan")
+        _, grad_norm = self._step()  # ZeRO >= 1: non-finite gradients make DeepSpeed skip
+        applied = bool(getattr(self.engine, "_step_applied", True)) and not bad.item()
+        return applied, lr, grad_norm
 
-    def _gathered_buckets(self, bucket_bytes: int) -> Iterator[NamedTensors]:
-        """Yields each bucket's full tensors, gathered on every rank (all ranks iterate)."""
-        for bucket in self._plan_buckets(bucket_bytes):
-            with self._gathered([p for _, p in bucket]):
-                yield [(n, p.data) for n, p in bucket]
+    def inject_nonfinite(self, updates: int = 1) -> None:
+        """Fault injection for tests: this rank's next `updates` optimizer steps see a NaN loss."""
+        self._inject_nonfinite = updates
 
-    def weight_bucket_metas(self, bucket_bytes: int) -> list[dict]:
-        """BucketMeta.to_dict() of each bucket `broadcast_weights` sends (local; no gather)."""
-        return [flatten_bucket([(n, torch.empty(_full_shape(p), dtype=p.dtype, device="meta"))
-                                for n, p in bucket])[1].to_dict()
-                for bucket in self._plan_buckets(bucket_bytes)]
+    _inject_nonfinite: int = 0
 
-    def export_weight_buckets(self, bucket_bytes: int) -> list:
-        """Object-store route (all ranks call): rank 0 returns one ObjectRef per bucket of
-        safetensors bytes (rlhf.actors.weights.bucket_from_bytes reads one); others []."""
-        import ray
+    # ---- checkpoints (all ranks call; `path` must be reachable from every rank) ----------
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed states (module, optimizer partitions, LR scheduler) and this rank's RNG."""
+        self.engine.save_checkpoint(path, tag="deepspeed", save_latest=False)
+        torch.save(self._rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
-        refs = []
-        for bucket in self._gathered_buckets(bucket_bytes):
-            if self.rank == 0:
-                refs.append(ray.put(bucket_to_bytes(bucket)))
-        return refs
+    def load_checkpoint(self, path: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{self.__class__.__name__} rank {self.rank}: no DeepSpeed checkpoint in {path}")
+        self._set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
 
-    def broadcast_weights(self, host: str, port: int, world_size: int, bucket_bytes: int,
-                          backend: str = "gloo") -> None:
-        """Collective route (all ranks call): rank 0 joins the weight group as its rank 0
-        (made on the first call, then reused) and broadcasts every flat bucket in
-        `weight_bucket_metas` order; the receivers (ranks 1..world_size-1) must join too."""
-        group = None
-        if self.rank == 0:
-            key = (host, port, world_size, backend)
-            if key not in self._weight_groups:
-                device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-                self._weight_groups[key] = WeightGroup(host, port, 0, world_size, backend, device=device)
-            group = self._weight_groups[key]
-        for bucket in self._gathered_buckets(bucket_bytes):
-            if group is not None:
-                flat, _ = flatten_bucket(bucket)
-                group.broadcast(flat, src=0)
+    def _rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state()}
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
 
     @torch.no_grad()
     def _forward_tokens(self, batch: SequenceBatch) -> Tensor:
@@ -275,48 +299,6 @@ class LearnerRank:
             per_token = self.engine(mb.input_ids, mb.attention_mask)
             out[sl, : per_token.shape[1]] = per_token.float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
-
-    def ipc_weight_handles(self) -> dict[str, bytes]:
-        """cuda_ipc route (all ranks call; GPU only): this rank's full weights, copied into
-        buffers it keeps alive until `release_ipc_buffers`, as CUDA IPC handles keyed by this
-        rank's GPU UUID. An engine worker on the same GPU maps them (colocated placement)."""
-        from rlhf.actors.vllm_ext import ipc_handles_for
-
-        if self.device.type != "cuda":
-            raise RuntimeError("cuda_ipc weight sync needs the learner on a GPU")
-        # One bucket holding every tensor: the engine loads the whole model in one session.
-        self._ipc_buffers = [(n, t.detach().clone()) for bucket in self._gathered_buckets(1 << 62)
-                             for n, t in bucket]
-        uuid = str(torch.cuda.get_device_properties(self.device).uuid)
-        return {uuid: ipc_handles_for(self._ipc_buffers)}
-
-    def release_ipc_buffers(self) -> None:
-        """Frees the buffers of the last `ipc_weight_handles` (after every engine loaded them)."""
-        self._ipc_buffers = []
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """All weights on CPU at rank 0 (all ranks call; others get {})."""
-        state = {}
-        for bucket in self._gathered_buckets(bucket_bytes=1 << 28):
-            if self.rank == 0:
-                state.update({n: t.detach().to("cpu", copy=True) for n, t in bucket})
-        return state
-
-    def weight_checksums(self) -> dict[str, float]:
-        """Per-tensor float64 sums at rank 0 (all ranks call): compare with a receiver's."""
-        return {n: float(t.double().sum()) for n, t in self.full_state_dict().items()}
-
-    def save_pretrained(self, path: str) -> None:
-        """Rank 0 writes an HF folder (all ranks call; ZeRO-3 parameters are gathered)."""
-        state = self.full_state_dict()
-        if self.rank == 0:
-            self._save(path, state)
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def _save(self, path: str, state: dict[str, Tensor]) -> None:
-        raise NotImplementedError
-
 
 class _PolicyLogprobs(nn.Module):
     """The policy engine's module: forward returns token log-probs, not logits.
@@ -342,7 +324,7 @@ class PolicyLearner(LearnerRank):
     """PPO actor: old log-probs, the clipped-surrogate update, weight export."""
 
     def _build_module(self) -> nn.Module:
-        self.model = load_causal_lm(self.args.model_path, self.args.dtype)
+        self.model = load_causal_lm(self.args.model_path, self.args.dtype, packing=self.args.packing)
         return _PolicyLogprobs(self.model, self.args.temperature, self.args.logprob_chunk_size)
 
     def _after_initialize(self) -> None:
@@ -372,38 +354,31 @@ class PolicyLearner(LearnerRank):
         over epochs; policy/loss is this rank's share x world size, so the mean over ranks is
         the mini-batch loss; clipfrac/approx_kl/entropy are this rank's token means.
         """
-        self.engine.train()
-        slices = self._micro_slices(len(shard), epochs)
-        acc: dict[str, float] = defaultdict(float)
-        for _ in range(epochs):
-            for sl in slices:
-                mb = _exp_to(shard.select(sl).trimmed(), self.device)
-                mask = mb.sequences.action_mask
-                logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True)
-                loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_eps, dual_clip,
-                                          loss_agg, num_tokens, num_seqs)
-                if entropy_coef:
-                    loss = loss - entropy_coef * aggregate_loss(entropy, mask, loss_agg, num_tokens, num_seqs)
-                if self._ptx_coef:
-                    ptx = self._ptx_nll() / len(slices)
-                    loss = loss + self._ptx_coef * ptx
-                    acc["ptx_loss"] += float(ptx) * len(slices)
-                # x world size: DeepSpeed averages gradients over ranks; we want their sum.
-                self.engine.backward(loss * self.world_size)
-                n_tok = float(mask.sum())
-                acc["loss"] += float(loss) * self.world_size
-                acc["clipfrac"] += float(stats.clipfrac) * n_tok
-                acc["approx_kl"] += float(stats.approx_kl) * n_tok
-                acc["entropy"] += float(masked_mean(entropy.detach(), mask)) * n_tok
-                acc["tokens"] += n_tok
-            lr, grad_norm = self._step()
-            acc["grad_norm"] += grad_norm
+        def micro_loss(mb: Experience, n_micro: int) -> tuple[Tensor, dict[str, float]]:
+            mask = mb.sequences.action_mask
+            logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True)
+            loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_eps, dual_clip,
+                                      loss_agg, num_tokens, num_seqs)
+            if entropy_coef:
+                loss = loss - entropy_coef * aggregate_loss(entropy, mask, loss_agg, num_tokens, num_seqs)
+            parts = {}
+            if self._ptx_coef:
+                ptx = self._ptx_nll() / n_micro
+                loss = loss + self._ptx_coef * ptx
+                parts["ptx_loss"] = float(ptx) * n_micro
+            n_tok = float(mask.sum())
+            parts.update(clipfrac=float(stats.clipfrac) * n_tok, approx_kl=float(stats.approx_kl) * n_tok,
+                         entropy=float(masked_mean(entropy.detach(), mask)) * n_tok)
+            return loss, parts
+
+        acc = self._train(shard, epochs, micro_loss)
         tokens = max(acc["tokens"], 1.0)
         stats = {"policy/loss": acc["loss"] / epochs, "policy/clipfrac": acc["clipfrac"] / tokens,
                  "policy/approx_kl": acc["approx_kl"] / tokens, "policy/entropy": acc["entropy"] / tokens,
-                 "policy/grad_norm": acc["grad_norm"] / epochs, "policy/lr": lr}
+                 "policy/grad_norm": acc["grad_norm"] / epochs, "policy/lr": acc["lr"],
+                 "policy/nonfinite_skips": acc["skips"]}
         if self._ptx_coef:
-            stats["policy/ptx_loss"] = acc["ptx_loss"] / (epochs * len(slices))
+            stats["policy/ptx_loss"] = acc["ptx_loss"] / (epochs * acc["micro_batches"])
         return stats
 
     # ---- PPO-ptx (InstructGPT): the SFT log-likelihood mixed into the policy loss ---------
@@ -416,6 +391,17 @@ class PolicyLearner(LearnerRank):
 
         self._ptx_rows, self._ptx_coef, self._ptx_pad = list(rows), float(coef), pad_id
         self._ptx_rng = random.Random(self.args.seed * 1000 + self.rank)
+
+    def _rng_state(self) -> dict:
+        state = super()._rng_state()
+        if self._ptx_coef:
+            state["ptx"] = self._ptx_rng.getstate()
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        super()._set_rng_state(state)
+        if "ptx" in state and self._ptx_coef:
+            self._ptx_rng.setstate(state["ptx"])
 
     def _ptx_nll(self) -> Tensor:
         """Mean NLL of the assistant tokens of one random micro-batch of demonstrations.
@@ -439,7 +425,7 @@ class CriticLearner(LearnerRank):
     """PPO critic: values of every state, the (clipped) value-loss update."""
 
     def _build_module(self) -> nn.Module:
-        self.model = ValueModel.from_pretrained(self.args.model_path, self.args.dtype)
+        self.model = ValueModel.from_pretrained(self.args.model_path, self.args.dtype, packing=self.args.packing)
         return self.model
 
     def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
@@ -454,28 +440,21 @@ class CriticLearner(LearnerRank):
         """Value-loss update on this rank's shard; same conventions as PolicyLearner.train_step."""
         if value_clip is not None and shard.old_values is None:
             raise ValueError("value_clip needs shard.old_values (the critic's rollout-time values)")
-        self.engine.train()
-        slices = self._micro_slices(len(shard), epochs)
-        acc: dict[str, float] = defaultdict(float)
-        for _ in range(epochs):
-            for sl in slices:
-                mb = _exp_to(shard.select(sl).trimmed(), self.device)
-                mask = mb.sequences.action_mask
-                values = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask)
-                loss, stats = value_loss(values, mb.old_values, mb.returns, mask, value_clip,
-                                         loss_agg, num_tokens, num_seqs)
-                self.engine.backward(loss * self.world_size)  # see PolicyLearner.train_step
-                n_tok = float(mask.sum())
-                acc["loss"] += float(loss) * self.world_size
-                acc["clipfrac"] += float(stats.clipfrac) * n_tok
-                acc["values"] += float(masked_mean(values.detach(), mask)) * n_tok
-                acc["tokens"] += n_tok
-            lr, grad_norm = self._step()
-            acc["grad_norm"] += grad_norm
+
+        def micro_loss(mb: Experience, n_micro: int) -> tuple[Tensor, dict[str, float]]:
+            mask = mb.sequences.action_mask
+            values = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask)
+            loss, stats = value_loss(values, mb.old_values, mb.returns, mask, value_clip,
+                                     loss_agg, num_tokens, num_seqs)
+            n_tok = float(mask.sum())
+            return loss, {"clipfrac": float(stats.clipfrac) * n_tok,
+                          "values": float(masked_mean(values.detach(), mask)) * n_tok}
+
+        acc = self._train(shard, epochs, micro_loss)
         tokens = max(acc["tokens"], 1.0)
         return {"critic/loss": acc["loss"] / epochs, "critic/clipfrac": acc["clipfrac"] / tokens,
                 "critic/values_mean": acc["values"] / tokens, "critic/grad_norm": acc["grad_norm"] / epochs,
-                "critic/lr": lr}
+                "critic/lr": acc["lr"], "critic/nonfinite_skips": acc["skips"]}
 
     def _save(self, path: str, state: dict[str, Tensor]) -> None:
         self.model.save_pretrained(path, state_dict=state)

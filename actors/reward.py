@@ -6,6 +6,7 @@ reward model); each component is returned unweighted so the driver logs it
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from rlhf.orchestrator.rewards import RuleParams, bind_reward_functions
 class RewardScores:
     total: list[float]                   # B: weighted sum of the components (clipped if asked)
     components: dict[str, list[float]]   # name -> B unweighted scores
+    scorer: str = ""                     # id of the scorer process (changes when Ray restarts it)
 
 
 class RewardScorer:
@@ -34,6 +36,7 @@ class RewardScorer:
         self.bound = bind_reward_functions(functions, RuleParams(forbidden_phrases=tuple(forbidden_phrases or ())))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.functions, self.model_weight, self.clip = dict(functions), model_weight, clip
+        self.instance = uuid.uuid4().hex  # a restarted actor is a new instance: restarts are counted
         self.model = None
         if model_path is not None:
             from transformers import AutoModelForSequenceClassification
@@ -55,7 +58,7 @@ class RewardScorer:
         total = [sum(weights[name] * components[name][i] for name in components) for i in range(len(samples))]
         if self.clip is not None:
             total = [max(-self.clip, min(self.clip, t)) for t in total]
-        return RewardScores(total=total, components=components)
+        return RewardScores(total=total, components=components, scorer=self.instance)
 
     @torch.no_grad()
     def _model_scores(self, samples: Samples) -> list[float]:

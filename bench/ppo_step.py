@@ -10,11 +10,15 @@ local Ray and prints, side by side:
     step time - sum of the phases' critical paths: serialisation, object transfer,
     scheduling and the driver's own arithmetic;
   - weight sync: seconds and bytes, against one plain in-memory copy of the same bytes;
-  - tokens/s (prompt + response tokens processed per second of step time).
-Goals it reports against: overhead < 5 % of step time; weight sync < 3x the plain copy.
+  - tokens/s (prompt + response tokens processed per second of step time);
+  - sync vs async (rollout.overlap: step k+1 generated while step k trains): step time of
+    each, against max(generation, training) of the sync run.
+Goals it reports against: overhead < 5 % of step time; weight sync < 3x the plain copy;
+async step time within 15 % of max(generation time, training time).
 
     .venv/bin/python bench/ppo_step.py                      # 8 steps, object_store sync
     .venv/bin/python bench/ppo_step.py --steps 12 sync.backend=gloo
+    .venv/bin/python bench/ppo_step.py --no-async             # skip the second (overlapped) run
 """
 from __future__ import annotations
 
@@ -69,26 +73,39 @@ def plain_copy_seconds(nbytes: int, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "ppo-tiny.yaml"))
-    parser.add_argument("--steps", type=int, default=8, help="measured steps (step 1 is warm-up, excluded)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    cfg = load_config(args.config, ["logger.backend=none", *args.overrides])
+def run_steps(cfg, steps: int) -> list[tuple[dict, dict]]:
+    """(metrics, actor compute per phase) of each step after the first (which pays one-time
+    costs: the first vLLM call, allocations)."""
     with tempfile.TemporaryDirectory() as out:
         session = start_ppo(cfg, out)
         rows = []
         try:
             actor_compute(session)  # drop start-up calls
-            for step in range(1, args.steps + 1):
-                metrics = session.trainer.step(step, next(session.batches))
+            batch = next(session.batches)
+            for step in range(1, steps + 1):
+                upcoming = next(session.batches)
+                metrics = session.trainer.step(step, batch, next_prompt_index=upcoming if step < steps else None)
+                batch = upcoming
                 rows.append((metrics, actor_compute(session)))
         finally:
             session.close()
-    rows = rows[1:] or rows  # the first step pays one-time costs (first vLLM call, allocations)
+    return rows[1:] or rows
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "ppo-tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=8, help="measured steps (step 1 is warm-up, excluded)")
+    parser.add_argument("--no-async", action="store_true", help="skip the rollout.overlap=true comparison run")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, ["logger.backend=none", *args.overrides, "rollout.overlap=false"])
+    rows = run_steps(cfg, args.steps)
     phases = ["generate", "experience", "train", "weight_sync"]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     step_s = mean([m["timing/step_s"] for m, _ in rows])
     print(f"PPO step breakdown: {args.config} {' '.join(args.overrides)} | {len(rows)} measured steps, "
           f"sync={cfg.sync.backend}, {cfg.policy.num_ranks} policy rank(s), {cfg.rollout.engines} engine(s)")
@@ -109,6 +126,18 @@ def main() -> None:
           f"plain in-memory copy {copy_s * 1e3:.3f} ms; ratio {sync_s / copy_s:.0f}x (goal < 3x)")
     print(f"throughput: {mean([m['throughput/tokens_per_s'] for m, _ in rows]):.0f} tokens/s "
           f"(prompt + response tokens per second of step time)")
+    if args.no_async:
+        return
+    overlapped = run_steps(cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"overlap": True})}),
+                           args.steps)
+    async_s = mean([m["timing/step_s"] for m, _ in overlapped])
+    gen_s, train_s = mean([m["timing/generate_s"] for m, _ in rows]), mean([m["timing/train_s"] for m, _ in rows])
+    bound = max(gen_s, train_s)
+    wait_s = mean([m.get("timing/overlap_wait_s", 0.0) for m, _ in overlapped])
+    print(f"sync vs async (rollout.overlap): sync step {step_s:.4f} s, async step {async_s:.4f} s "
+          f"({step_s / async_s:.2f}x faster); max(generate {gen_s:.4f}, train {train_s:.4f}) = {bound:.4f} s; "
+          f"async / max = {async_s / bound:.2f} (goal <= 1.15); async waited {wait_s:.4f} s/step for generation; "
+          f"logprob gap (staleness) {mean([m['rollout/logprob_gap'] for m, _ in overlapped]):.2e}")
 
 
 if __name__ == "__main__":

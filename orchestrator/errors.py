@@ -40,3 +40,8 @@ class RemoteCallTimeout(RuntimeError):
 
 class RemoteCallFailed(RuntimeError):
     """A remote call raised or its actor died; the message names the role and the phase (exit 1)."""
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite updates); exit 1. The
+    last checkpoint is intact and `--resume` continues from it."""

@@ -10,8 +10,10 @@ orchestrator/launch.py.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,9 +22,11 @@ import torch
 
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
+from rlhf.orchestrator.errors import TrainingAborted
 from rlhf.orchestrator.groups import Scattered, wait_all
 from rlhf.orchestrator.rl import (AdaptiveKLController, AdvantageInputs, AdvantageParams, FixedKLController,
-                                  compute_advantages, masked_mean, masked_sum, masked_whiten, shape_rewards)
+                                  behavior_importance_weights, compute_advantages, masked_mean, masked_sum,
+                                  masked_whiten, shape_rewards)
 
 
 @dataclass
@@ -53,6 +57,17 @@ def make_advantages(name: str, scores: torch.Tensor, logp: torch.Tensor, ref_log
     return Advantages(advantages, returns, kl)
 
 
+def sampler_logprobs(samples, mask: torch.Tensor) -> torch.Tensor:
+    """The engines' per-token log-probs of the sampled replies, laid out like the learner's
+    [B, T-1] tensors (0 outside `mask`)."""
+    sampler = torch.zeros(mask.shape, dtype=torch.float32)
+    lengths = mask.sum(1)
+    for i, lp in enumerate(samples.response_logprobs):
+        start = int(mask[i].nonzero()[0]) if lengths[i] > 0 else 0
+        sampler[i, start:start + len(lp)] = torch.tensor(lp)
+    return sampler
+
+
 class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -72,19 +87,55 @@ class PPOTrainer:
                        else FixedKLController(kl.coef))
         self.rng = random.Random(cfg.seed)
         self._messages_ref = ray.put(prompts.messages)  # the reward actor's prompt texts, sent once
+        self.nonfinite = {"consecutive": 0, "total": 0}  # skipped updates (non-finite loss/grad)
+        self.reward_restarts, self._scorer = 0, None
+        # rollout.overlap: the next step's generation runs in this thread while the learners train.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.rollout.overlap else None
+        self._pending: tuple[int, Future] | None = None
 
-    def step(self, step: int, prompt_index: list[int]) -> dict:
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def state_dict(self) -> dict:
+        """Driver state a checkpoint needs for an exact resume (JSON-serialisable)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"kl_ctl": self.kl_ctl.state_dict(), "rng": [version, list(internal), gauss],
+                "nonfinite": dict(self.nonfinite), "reward_restarts": self.reward_restarts,
+                "rollout_restarts": self.roles.rollout.restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.nonfinite = dict(state["nonfinite"])
+        self.reward_restarts = state["reward_restarts"]
+        self.roles.rollout.restarts = state["rollout_restarts"]
+
+    def _generate(self, step: int, prompt_index: list[int]):
+        cfg, n = self.cfg, self.cfg.rollout.n_samples
+        # Seeds advance by more than n x prompts per step so no two samples share one.
+        samples = self.roles.rollout.generate(
+            [self.prompts.token_ids[i] for i in prompt_index], n=n, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=(cfg.seed * 1_000_003 + step) * (n * len(prompt_index) + 1))
+        samples.prompt_index = [prompt_index[i] for i in samples.prompt_index]
+        return samples
+
+    def step(self, step: int, prompt_index: list[int], next_prompt_index: list[int] | None = None) -> dict:
+        """One PPO step on `prompt_index`. With rollout.overlap, `next_prompt_index` (the next
+        step's prompts) is generated while the learners train: one step off-policy."""
         cfg, roles, timer = self.cfg, self.roles, PhaseTimer()
         n, use_critic = cfg.rollout.n_samples, roles.critic is not None
 
-        # 1. Rollout: n samples per prompt from the engines, which hold the current policy.
+        # 1. Rollout: n samples per prompt from the engines (or the batch they generated
+        #    during the previous step's training, with rollout.overlap).
         with timer("generate"):
-            # Seeds advance by more than n x prompts per step so no two samples share one.
-            samples = roles.rollout.generate(
-                [self.prompts.token_ids[i] for i in prompt_index], n=n, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_new_tokens,
-                seed=(cfg.seed * 1_000_003 + step) * (n * len(prompt_index) + 1))
-            samples.prompt_index = [prompt_index[i] for i in samples.prompt_index]
+            if self._pending is not None and self._pending[0] == step:
+                samples = self._pending[1].result(timeout=self.timeout_s)
+            else:
+                samples = self._generate(step, prompt_index)
+            self._pending = None
 
         # 2. Experience: score, reference log-probs, values and the learner's own old
         #    log-probs are independent, so all four run at once; the driver waits once.
@@ -108,11 +159,19 @@ class PPOTrainer:
             adv = make_advantages(cfg.ppo.advantage, torch.tensor(scores.total), old_logp, ref_logp, values, mask,
                                   self.kl_ctl.value, cfg.ppo.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, n,
                                   cfg.ppo.whiten_advantages)
-            exp = Experience(batch, old_logp, ref_logp, adv.advantages, adv.returns, values)
+            advantages = adv.advantages
+            if cfg.rollout.overlap:  # off-policy by one step: weight by pi_learner / pi_sampler
+                advantages = advantages * behavior_importance_weights(
+                    old_logp, sampler_logprobs(samples, mask), mask, cfg.rollout.overlap_is_cap)
+            exp = Experience(batch, old_logp, ref_logp, advantages, adv.returns, values)
 
         # 4. PPO epochs: every mini-batch is one optimizer step on every rank; all steps are
         #    queued at once (each actor runs its calls in order) and awaited together.
         with timer("train"):
+            if self._pool is not None and next_prompt_index is not None:
+                # The engines still hold the weights this batch was sampled with; they generate
+                # the next batch now and get the new weights once both are done (below).
+                self._pending = (step + 1, self._pool.submit(self._generate, step + 1, next_prompt_index))
             policy_refs, critic_refs = [], []
             for _ in range(cfg.ppo.epochs):
                 minibatches = [Scattered(mb) for mb in self._minibatches(exp)]
@@ -123,14 +182,51 @@ class PPOTrainer:
                     critic_refs += roles.critic.train_refs(minibatches, value_clip=cfg.ppo.value_clip,
                                                            loss_agg=cfg.ppo.loss_agg)
             stats = wait_all([r for mb in policy_refs + critic_refs for r in mb], self.timeout_s, "PPO train_step")
+            n_policy = len(policy_refs) * len(roles.policy)  # stats: policy mini-batches x ranks, then critic's
+            skipped = self._count_nonfinite(stats[:n_policy:len(roles.policy)],
+                                            stats[n_policy::len(roles.critic)] if use_critic else [])
 
-        # 5. Weight sync: the engines must sample from the updated policy next step.
+        # 5. Weight sync: the engines must sample from the updated policy next step (with
+        #    rollout.overlap: once they have finished the batch they are generating).
+        if self._pending is not None:
+            with timer("overlap_wait"):
+                concurrent.futures.wait([self._pending[1]], timeout=self.timeout_s)
         with timer("weight_sync"):
             sync = roles.sync.sync()
 
         kl_per_seq = masked_sum(adv.kl, mask, dim=1)
         self.kl_ctl.update(float(kl_per_seq.mean()), len(samples))
-        return self._metrics(step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer)
+        self._count_reward_restart(scores.scorer)
+        metrics = self._metrics(step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer)
+        metrics.update({"train/nonfinite_skips": skipped, "train/nonfinite_skips_total": self.nonfinite["total"],
+                        "ray/actor_restarts": roles.rollout.restarts + self.reward_restarts})
+        return metrics
+
+    def _count_nonfinite(self, policy_stats: list[dict], critic_stats: list[dict]) -> int:
+        """Updates skipped this step (every rank skips together, so rank 0's stats tell);
+        aborts after ppo.max_nonfinite_skips consecutive ones: the run is diverging, and
+        the last checkpoint (from before) is what to resume from with other settings."""
+        skipped = 0
+        for i, pol in enumerate(policy_stats):
+            crit = critic_stats[i] if i < len(critic_stats) else {}
+            if pol.get("policy/nonfinite_skips", 0) or crit.get("critic/nonfinite_skips", 0):
+                skipped += 1
+                self.nonfinite["consecutive"] += 1
+                self.nonfinite["total"] += 1
+            else:
+                self.nonfinite["consecutive"] = 0
+            if self.nonfinite["consecutive"] >= self.cfg.ppo.max_nonfinite_skips:
+                raise TrainingAborted(
+                    f"policy/critic: {self.nonfinite['consecutive']} consecutive updates had a non-finite loss, "
+                    f"advantage or gradient norm (ppo.max_nonfinite_skips = {self.cfg.ppo.max_nonfinite_skips}); "
+                    "stopping. Lower the learning rates or check the reward; --resume continues from the last checkpoint")
+        return skipped
+
+    def _count_reward_restart(self, scorer: str) -> None:
+        """Ray restarts a dead reward actor and retries its call; the new process has a new id."""
+        if self._scorer is not None and scorer != self._scorer:
+            self.reward_restarts += 1
+        self._scorer = scorer
 
     def _minibatches(self, exp: Experience) -> list[Experience]:
         """Shuffled mini-batches of ppo.train_batch_size samples (trailing padding trimmed)."""
@@ -141,10 +237,7 @@ class PPOTrainer:
 
     def _metrics(self, step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer) -> dict:
         lengths = mask.sum(1)
-        sampler = torch.zeros_like(old_logp)
-        for i, lp in enumerate(samples.response_logprobs):
-            start = int(mask[i].nonzero()[0]) if lengths[i] > 0 else 0
-            sampler[i, start:start + len(lp)] = torch.tensor(lp)
+        sampler = sampler_logprobs(samples, mask)
         step_s = sum(timer.seconds.values())
         tokens = int(exp.sequences.attention_mask.sum())
         metrics = {
@@ -155,6 +248,8 @@ class PPOTrainer:
             "kl/coef": self.kl_ctl.value,
             "response_length/mean": float(lengths.float().mean()),
             "response/finished_frac": sum(samples.finished) / len(samples),
+            "rollout/samples": len(samples),
+            "rollout/reissued_chunks": self.roles.rollout.last_reissued,
             # |sampler log-prob - learner log-prob| on sampled tokens: ~0 when the engine holds
             # exactly the learner's weights (the PPO ratio starts at 1).
             "rollout/logprob_gap": float(masked_mean((sampler - old_logp).abs(), mask)),

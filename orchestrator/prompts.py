@@ -22,7 +22,8 @@ ROLES = ("system", "user", "assistant")
 class PromptSet:
     messages: list[list[dict]]  # conversations ending with a user turn
     token_ids: list[list[int]]  # chat-templated, with the assistant generation prompt
-    truncated: int = 0          # prompts cut to max_prompt_tokens (counted, per data.prompt_overflow)
+    truncated: int = 0          # prompts cut to max_prompt_tokens (data.prompt_overflow: truncate)
+    rejected: int = 0           # prompts dropped for being longer (data.prompt_overflow: reject)
 
 
 def read_dialogues(path: str | Path) -> list[list[dict]]:
@@ -57,7 +58,7 @@ def task_dialogues(task: str, n: int, seed: int) -> list[list[dict]]:
 
 def build_prompts(dialogues: list[list[dict]], tokenizer, max_tokens: int, overflow: str) -> PromptSet:
     """Cuts each dialogue before its last assistant turn and tokenizes it for generation."""
-    messages, ids, truncated = [], [], 0
+    messages, ids, truncated, rejected = [], [], 0, 0
     for dialogue in dialogues:
         prompt = dialogue[:-1] if dialogue[-1]["role"] == "assistant" else dialogue
         if not prompt or prompt[-1]["role"] != "user":
@@ -66,14 +67,16 @@ def build_prompts(dialogues: list[list[dict]], tokenizer, max_tokens: int, overf
                                                return_dict=True)["input_ids"]
         if len(tokens) > max_tokens:
             if overflow == "reject":
+                rejected += 1
                 continue
             truncated += 1
             tokens = tokens[-max_tokens:]  # keep the end: the question and the generation prompt
         messages.append(prompt)
         ids.append(tokens)
     if not ids:
-        raise BadInput("data: no usable prompts (every dialogue was empty, too long, or did not end with a user turn)")
-    return PromptSet(messages, ids, truncated)
+        raise BadInput(f"data: no usable prompts ({rejected} of {len(dialogues)} longer than data.max_prompt_tokens = "
+                       f"{max_tokens} and rejected; the rest empty or not ending with a user turn)")
+    return PromptSet(messages, ids, truncated, rejected)
 
 
 def prompt_batches(n_prompts: int, per_step: int, seed: int) -> Iterator[list[int]]:

@@ -11,6 +11,9 @@ Run on one CPU machine or a cluster alike:
 """
 from __future__ import annotations
 
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -32,6 +35,12 @@ class RolloutGroup:
         self.timeout_s = timeout_s
         self.max_in_flight = max(1, max_in_flight_per_engine)
         self.last_chunks_per_engine: list[int] = []  # chunks each engine served in the last generate
+        self.restarts = 0  # engine restarts survived so far (metric ray/actor_restarts)
+        self.last_reissued = 0
+        self._incarnation = [0] * len(self.engines)
+        # Called with the engine index after a restart, before its chunks are re-issued; the
+        # launcher sets it to the weight sync, since a restarted engine holds initial weights.
+        self.on_engine_restart: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -55,41 +64,76 @@ class RolloutGroup:
         `max_in_flight_per_engine` chunks, and whichever engine finishes first gets the
         next one (`ray.wait`), so a slow or busy engine simply serves fewer chunks.
         Seeds follow the global prompt index (see RolloutEngine.generate), so the samples
-        do not depend on which engine served a chunk.
+        do not depend on which engine served a chunk. An engine that dies is restarted by
+        Ray (its actor's max_restarts), re-synced, and its unfinished chunks re-issued: the
+        batch comes back whole, nothing lost or duplicated (`restarts` counts them).
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunks = [list(range(s, min(s + chunk_size, len(prompt_ids)))) for s in range(0, len(prompt_ids), chunk_size)]
+        todo = deque(range(len(chunks)))
         results: dict[int, Samples] = {}
-        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (engine, chunk)
+        in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (engine, chunk, incarnation)
         served = [0] * len(self.engines)  # chunks per engine, kept for metrics and tests
-        next_chunk = 0
+        self.last_reissued = 0  # chunks re-issued after an engine died (metric rollout/reissued_chunks)
 
         def submit(engine: int) -> None:
-            nonlocal next_chunk
-            index = chunks[next_chunk]
+            chunk = todo.popleft()
+            index = chunks[chunk]
             ref = self.engines[engine].generate.remote([prompt_ids[i] for i in index], index, n, temperature,
                                                        top_p, max_new_tokens, seed)
-            in_flight[ref] = (engine, next_chunk)
+            in_flight[ref] = (engine, chunk, self._incarnation[engine])
             served[engine] += 1
-            next_chunk += 1
 
         # Fill round-robin up to the in-flight bound, then refill whichever engine frees up.
         for _ in range(self.max_in_flight):
             for engine in range(len(self.engines)):
-                if next_chunk < len(chunks):
+                if todo:
                     submit(engine)
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.timeout_s)
             if not ready:
-                late = sorted({e for e, _ in in_flight.values()})
+                late = sorted({e for e, _, _ in in_flight.values()})
                 raise RemoteCallTimeout(f"rollout engines {late}: generate did not return a chunk in {self.timeout_s}s")
-            engine, chunk = in_flight.pop(ready[0])
-            results[chunk] = self._get(ready[0], engine, "generate")
-            if next_chunk < len(chunks):
+            engine, chunk, incarnation = in_flight.pop(ready[0])
+            try:
+                results[chunk] = self._get(ready[0], engine, "generate", raise_actor_death=True)
+            except ray.exceptions.RayActorError as err:
+                if incarnation == self._incarnation[engine]:  # first news of this death
+                    self._recover(engine, err)
+                todo.appendleft(chunk)  # re-issued whole: its samples were never returned
+                self.last_reissued += 1
+                served[engine] -= 1
+            if todo and sum(1 for e, _, _ in in_flight.values() if e == engine) < self.max_in_flight:
                 submit(engine)
         self.last_chunks_per_engine = served
         return Samples.concat([results[c] for c in range(len(chunks))])
+
+    def _recover(self, engine: int, err: Exception) -> None:
+        """Waits for Ray to restart a dead engine (a fresh vLLM with the initial weights),
+        then lets `on_engine_restart` (the weight sync) bring it to the current policy."""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.engines[engine].__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.GetTimeoutError:
+                raise RemoteCallTimeout(f"rollout engine {engine}: died ({first}) and was not restarted "
+                                        f"within {self.timeout_s}s") from None
+            except ray.exceptions.ActorUnavailableError:
+                # Restarting (or its node is unreachable for now): ask again until the deadline.
+                if time.monotonic() > deadline:
+                    raise RemoteCallTimeout(f"rollout engine {engine}: died ({first}) and was not restarted "
+                                            f"within {self.timeout_s}s") from None
+                time.sleep(1.0)
+            except ray.exceptions.RayActorError:
+                raise RemoteCallFailed(f"rollout engine {engine}: died ({first}) and could not be restarted "
+                                       "(restarts used up, or no capacity left to place it)") from None
+        self._incarnation[engine] += 1
+        self.restarts += 1
+        if self.on_engine_restart is not None:
+            self.on_engine_restart(engine)
 
     # ---- weight sync -------------------------------------------------------------------
     def load_weight_buckets(self, bucket_refs: list[ray.ObjectRef]) -> list[int]:
@@ -133,11 +177,15 @@ class RolloutGroup:
             raise RemoteCallTimeout(f"rollout engines {late}: {phase} did not finish in {self.timeout_s}s")
         return [self._get(r, i, phase) for i, r in enumerate(refs)]
 
-    def _get(self, ref: ray.ObjectRef, engine: int, phase: str) -> Any:
+    def _get(self, ref: ray.ObjectRef, engine: int, phase: str, raise_actor_death: bool = False) -> Any:
         try:
             return ray.get(ref, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError as err:
             raise RemoteCallTimeout(f"rollout engine {engine}: {phase} did not finish in {self.timeout_s}s") from err
+        except ray.exceptions.RayActorError:
+            if raise_actor_death:
+                raise
+            raise RemoteCallFailed(f"rollout engine {engine}: {phase} failed: the engine's actor died") from None
         except ray.exceptions.RayError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RemoteCallFailed(f"rollout engine {engine}: {phase} failed: {first}") from err

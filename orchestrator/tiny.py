@@ -275,7 +275,16 @@ def _write_model_folder(
         eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(folder, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    # A progress bar for one tiny shard is noise (and would sit above a CLI's one-line error).
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     saved_max_length = tokenizer.model_max_length  # set for saving only; restore after
     tokenizer.model_max_length = spec.max_position_embeddings
     try:

@@ -35,6 +35,12 @@ class WeightSync:
     def sync(self) -> SyncStats:
         raise NotImplementedError
 
+    def resync(self, engine: int) -> SyncStats:
+        """After engine `engine` was restarted (it holds the initial weights): bring every
+        engine to the policy's current weights again. Restarts are rare, so the plain full
+        sync is used; the learners are idle while the engines generate."""
+        return self.sync()
+
     def _bytes(self) -> int:
         """Bytes of weights one sync sends (asked once: the layout does not change)."""
         if self._nbytes is None:
@@ -54,7 +60,6 @@ class ObjectStoreSync(WeightSync):
         return SyncStats(time.perf_counter() - start, self._bytes(), len(refs))
 
 
-
 class CollectiveSync(WeightSync):
     """gloo or nccl broadcast from policy rank 0 to every vLLM worker."""
 
@@ -62,6 +67,12 @@ class CollectiveSync(WeightSync):
         super().__init__(policy, rollout, bucket_bytes, timeout_s)
         self.backend = backend
         self._group = None  # (host, port, world_size), created on the first sync
+
+    def resync(self, engine: int) -> SyncStats:
+        # The restarted engine's workers left the weight group with their old process: form
+        # a new group (new port) with every engine, then broadcast.
+        self._group = None
+        return self.sync()
 
     def sync(self) -> SyncStats:
         start = time.perf_counter()

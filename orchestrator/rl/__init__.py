@@ -20,6 +20,7 @@ from rlhf.orchestrator.rl.kl import (
 )
 from rlhf.orchestrator.rl.losses import (
     aggregate_loss,
+    behavior_importance_weights,
     entropy_from_logits,
     pairwise_rm_loss,
     policy_loss,
@@ -35,6 +36,7 @@ __all__ = [
     "AdvantageParams",
     "FixedKLController",
     "aggregate_loss",
+    "behavior_importance_weights",
     "broadcast_to_tokens",
     "compute_advantages",
     "entropy_from_logits",

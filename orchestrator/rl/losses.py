@@ -203,3 +203,18 @@ def pairwise_rm_loss(
         accuracy = ((diff > 0) & pairs).sum().to(r.dtype) / n_pairs.sum()
     return loss, accuracy
 
+
+
+def behavior_importance_weights(proximal_logp: Tensor, behavior_logp: Tensor, mask: Tensor,
+                                cap: float = 2.0) -> Tensor:
+    """Truncated per-token importance weights w_t = min(pi_prox / pi_behav, cap), 0 off the mask.
+
+    For one-step off-policy (async) PPO: replies were sampled by the engines' older policy
+    pi_behav, while the clipped ratio is taken against the learner's policy before this
+    update, pi_prox ("decoupled PPO", Hilton et al. 2022). Since w does not depend on the
+    parameters being trained, scaling the advantages by w is the whole correction:
+        L = -E_behav[ w_t * min(r_t A_t, clip(r_t) A_t) ],  r_t = pi_theta / pi_prox.
+    Truncation at `cap` bounds the variance (truncated IS). Shapes [B, T-1].
+    """
+    w = torch.exp(proximal_logp - behavior_logp).clamp(max=cap)
+    return torch.where(mask.bool(), w, torch.zeros_like(w))

@@ -279,3 +279,61 @@ def test_tied_embeddings_export_names_and_logprobs(tmp_path):
         got = sequence_logprobs(learner.model, seq)
         want = torch.log_softmax(learner.model(input_ids=ids).logits[:, :-1].float(), -1)
     assert (got - want.gather(-1, ids[:, 1:, None]).squeeze(-1)).abs().max() < LOGPROB_ATOL
+
+
+def _train(ranks, experience) -> list[dict]:
+    num_tokens, num_seqs = int(experience.sequences.action_mask.sum()), len(experience)
+    return _get([r.train_step.remote(shard, CLIP_EPS, DUAL_CLIP, ENTROPY_COEF, LOSS_AGG, num_tokens, num_seqs, 1)
+                 for r, shard in zip(ranks, experience.split(len(ranks)))])
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(policies, experience, stage):
+    ranks = policies[stage]
+    before = _get([r.full_state_dict.remote() for r in ranks])[0]
+    _get(ranks[1].inject_nonfinite.remote(1))  # only rank 1's loss is NaN
+    stats = _train(ranks, experience)
+    assert [s["policy/nonfinite_skips"] for s in stats] == [1.0, 1.0]
+    after = _get([r.full_state_dict.remote() for r in ranks])[0]
+    assert _max_diff(before, after) == 0.0  # no rank stepped
+    assert all(torch.isfinite(t).all() for t in after.values())
+    stats = _train(ranks, experience)  # the next update is applied normally
+    assert [s["policy/nonfinite_skips"] for s in stats] == [0.0, 0.0]
+    assert _max_diff(after, _get([r.full_state_dict.remote() for r in ranks])[0]) > 1e-5
+
+
+def test_nonfinite_guard_without_zero(ray_local, model_dir, experience):
+    """ZeRO stage 0 has no overflow check of its own: the guard clears the gradients."""
+    (rank,) = ranks = [ray.remote(num_cpus=1)(PolicyLearner).remote(_args(model_dir, 0))]
+    try:
+        host, port = _get(rank.master_address.remote())
+        _get(rank.init_process_group.remote(host, port, 0, 1))
+        before = _get(rank.full_state_dict.remote())
+        _get(rank.inject_nonfinite.remote(1))
+        assert _train(ranks, experience)[0]["policy/nonfinite_skips"] == 1.0
+        assert _max_diff(before, _get(rank.full_state_dict.remote())) == 0.0
+        assert _train(ranks, experience)[0]["policy/nonfinite_skips"] == 0.0
+        after = _get(rank.full_state_dict.remote())
+        assert all(torch.isfinite(t).all() for t in after.values()) and _max_diff(before, after) > 1e-5
+    finally:
+        ray.kill(rank)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_restores_weights_optimizer_and_schedule(policies, experience, tmp_path, stage):
+    """Save, train two steps, load, train the same two steps: identical weights and stats
+    (Adam moments, step count and LR schedule come back, not just the weights)."""
+    ranks = policies[stage]
+    _get([r.save_checkpoint.remote(str(tmp_path / "ckpt")) for r in ranks])
+    first = [_train(ranks, experience) for _ in range(2)]
+    trained = _get([r.full_state_dict.remote() for r in ranks])[0]
+    _get([r.load_checkpoint.remote(str(tmp_path / "ckpt")) for r in ranks])
+    again = [_train(ranks, experience) for _ in range(2)]
+    assert _max_diff(trained, _get([r.full_state_dict.remote() for r in ranks])[0]) < 1e-7
+    for a, b in zip(first, again):
+        assert a[0]["policy/loss"] == pytest.approx(b[0]["policy/loss"], abs=1e-7)
+        assert a[0]["policy/grad_norm"] == pytest.approx(b[0]["policy/grad_norm"], rel=1e-6)

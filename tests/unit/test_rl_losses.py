@@ -243,3 +243,16 @@ def test_pairwise_rm_loss_skips_ties_and_is_order_free():
 def test_pairwise_rm_loss_without_pairs_raises():
     with pytest.raises(ValueError, match="no prompt"):
         pairwise_rm_loss(torch.zeros(1, 2), torch.tensor([[0, 0]]))
+
+
+def test_behavior_importance_weights_truncated_and_masked():
+    import math
+
+    from rlhf.orchestrator.rl import behavior_importance_weights
+
+    behavior = torch.tensor([[-1.0, -2.0, -3.0, -0.5]])
+    # prox - behav = [0, ln 1.5, ln 4, ln 0.5]  ->  w = [1, 1.5, min(4, cap 2) = 2, 0.5]; last token off the mask
+    proximal = behavior + torch.tensor([[0.0, math.log(1.5), math.log(4.0), math.log(0.5)]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = behavior_importance_weights(proximal, behavior, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 1.5, 2.0, 0.0]]), atol=1e-6)

@@ -1,0 +1,100 @@
+"""Bad input through the real CLI: exit code 2, one line on stderr naming the key, line or
+resource, no traceback, and no output folder left behind by the failed run.
+
+Each row: (case, argv after `rlhf`, text the one line must contain). `{d}` is a folder with
+the fixture files below; `{out}` a fresh output folder. No Ray cluster starts: every check
+runs before it (a tiny model is built for the rows that need a tokenizer).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.orchestrator.cli import main
+from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+
+PPO = ["ppo", "configs/ppo-tiny.yaml", "logger.backend=none"]
+CASES = [
+    ("malformed YAML", ["ppo", "{d}/broken.yaml"], "broken.yaml:3:1: invalid YAML"),
+    ("duplicate YAML key", ["ppo", "{d}/dup.yaml"], "duplicate key 'seed'"),
+    ("missing config file", ["ppo", "{d}/nope.yaml"], "nope.yaml"),
+    ("unknown key", PPO + ["ppo.stepz=3"], "did you mean 'ppo.steps'"),
+    ("mistyped value", PPO + ["ppo.steps=many"], "ppo.steps"),
+    ("out-of-range value", PPO + ["ppo.clip=-0.1"], "ppo.clip"),
+    ("unknown reward function", ["ppo", "{d}/reward.yaml"], "reward.functions.digit_fractoin"),
+    ("batch sizes that do not divide", PPO + ["ppo.train_batch_size=7"], "ppo.train_batch_size"),
+    ("GPU-only sync on CPU", PPO + ["sync.backend=nccl"], "sync.backend"),
+    ("usage: --max-steps 0", PPO + ["--max-steps", "0"], "--max-steps"),
+    ("missing model folder", PPO + ["model.policy=./no/such/model"], "model.policy"),
+    ("data file missing", PPO + ["data.train={d}/absent.jsonl"], "absent.jsonl"),
+    ("malformed JSONL line", PPO + ["data.train={d}/bad.jsonl"], "bad.jsonl:2"),
+    ("empty dataset", PPO + ["data.train={d}/empty.jsonl"], "empty dataset"),
+    ("every prompt too long (reject)", PPO + ["data.prompt_overflow=reject", "data.max_prompt_tokens=3"],
+     "longer than data.max_prompt_tokens"),
+    ("tokenizer without chat template", PPO + ["model.policy={d}/no_template"], "no chat template"),
+    ("output folder is a file", PPO + ["--out", "{d}/a_file"], "not a folder"),
+    ("output folder of another experiment", PPO + ["--out", "{d}/other_run"], "different experiment"),
+    ("output folder with checkpoints, no --resume", PPO + ["--out", "{d}/with_ckpt"], "--resume"),
+    ("chat with a missing checkpoint", ["chat", "{d}/no_model", "--once", "hi"], "no_model"),
+]
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad_input")
+    (d / "broken.yaml").write_text("name: x\nppo: [1, 2\n")
+    (d / "dup.yaml").write_text("seed: 1\nseed: 2\n")
+    ppo_tiny = yaml.safe_load(Path("configs/ppo-tiny.yaml").read_text())
+    ppo_tiny["reward"]["functions"] = {"digit_fractoin": 1.0}
+    (d / "reward.yaml").write_text(yaml.safe_dump(ppo_tiny))
+    good = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    (d / "bad.jsonl").write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "user"}]}\n')
+    (d / "empty.jsonl").write_text("\n\n")
+    model = build_tiny_from_corpus(sample_corpus(), d / "no_template", seed=0)
+    (Path(model) / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((Path(model) / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (Path(model) / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "a_file").write_text("not a folder")
+    (d / "other_run").mkdir()
+    (d / "other_run" / "config.yaml").write_text("name: someone-else\n")
+    (d / "with_ckpt" / "checkpoints" / "step_000002").mkdir(parents=True)
+    (d / "with_ckpt" / "config.yaml").write_text("name: ppo-tiny\n")
+    (d / "with_ckpt" / "checkpoints" / "step_000002" / "trainer_state.json").write_text("{}")
+    return d
+
+
+@pytest.mark.parametrize("case,argv,expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(fixtures, tmp_path, capsys, case, argv, expected):
+    out = tmp_path / "out"
+    argv = [a.format(d=fixtures, out=out) for a in argv]
+    if "--out" not in argv and argv[0] != "chat":
+        argv += ["--out", str(out)]
+    before = sorted(p.name for p in fixtures.rglob("*"))
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback (most recent call last)" not in err[0] and expected in err[0], err[0]
+    assert not out.exists(), f"{case}: left {sorted(p.name for p in out.rglob('*'))}"
+    assert sorted(p.name for p in fixtures.rglob("*")) == before  # fixture folders untouched
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 15
+
+
+def test_prompts_over_the_limit_are_truncated_and_counted():
+    from rlhf.orchestrator.prompts import build_prompts
+
+    class Tok:  # one token per character: lengths are easy to count
+        def apply_chat_template(self, prompt, **_):
+            return {"input_ids": list(range(len(prompt[-1]["content"])))}
+
+    dialogues = [[{"role": "user", "content": "x" * n}] for n in (3, 8, 12)]
+    truncated = build_prompts(dialogues, Tok(), max_tokens=5, overflow="truncate")
+    assert truncated.truncated == 2 and truncated.rejected == 0 and [len(t) for t in truncated.token_ids] == [3, 5, 5]
+    rejected = build_prompts(dialogues, Tok(), max_tokens=5, overflow="reject")
+    assert rejected.rejected == 2 and rejected.truncated == 0 and [len(t) for t in rejected.token_ids] == [3]
