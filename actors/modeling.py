@@ -3,8 +3,18 @@
 - `load_causal_lm`: a Hugging Face causal LM from a folder (or hub name on a cluster).
 - `sequence_logprobs`: per-token log-probs [B, T-1] (and entropy) of a `SequenceBatch`,
   from the backbone's last hidden state and the output embedding through
-  `rlhf.kernels.token_logprobs`, so the [B, T, V] logits tensor is never built.
+  a token log-prob kernel (`rlhf.kernels.select_backend`), so the [B, T, V] logits tensor
+  is never built.
 - `ValueModel`: the PPO critic, a causal-LM backbone plus a scalar value head.
+- Packing (`packing=True` on `load_causal_lm` / `ValueModel`): the forward puts a batch's
+  sequences back to back in one row with position ids restarting per sequence, so no
+  compute goes to padding; outputs come back in the padded [B, T-1] layout (0 where there
+  is no next real token). Attention keeps sequences apart: on CPU transformers' sdpa/eager
+  build a block-diagonal causal mask from the position ids; on CUDA `rlhf_varlen`
+  (torch's varlen flash kernel, rlhf.kernels.varlen_attention) or flash_attention_2
+  use the cumulative sequence lengths, and attention costs sum L_i^2, not M^2.
+- Token log-prob backend: `select_backend(default_backend(), device)`, i.e. the fused
+  Triton kernel on CUDA and the chunked reference on CPU ($RLHF_LOGPROB_BACKEND forces one).
 
 Layout (rlhf.orchestrator.experience): position t of a [B, T-1] tensor belongs to the
 target token t+1, i.e. to the state "tokens <= t". Log-probs there are log p(x_{t+1} | x_<=t);
@@ -14,7 +24,10 @@ Run on one CPU machine or a cluster alike; nothing here knows about Ray or DeepS
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,11 +35,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from rlhf.kernels import token_logprobs
+from rlhf.kernels import default_backend, select_backend
 from rlhf.orchestrator.experience import SequenceBatch
+
+_log = logging.getLogger(__name__)
 
 # File that holds a value/reward head next to a backbone folder (see ValueModel).
 VALUE_HEAD_FILE = "value_head.safetensors"
+# Attribute on a loaded model saying whether its forwards pack sequences (load_causal_lm).
+PACKING_ATTR = "rlhf_packing"
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -39,9 +56,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
-def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> PreTrainedModel:
-    """A causal LM from a Hugging Face folder, in `dtype`, in train mode (caller picks eval)."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                   packing: bool = False) -> PreTrainedModel:
+    """A causal LM from a Hugging Face folder, in `dtype`, in train mode (caller picks eval).
+    `packing`: `sequence_logprobs` packs this model's batches (see the module docstring)."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    setattr(model, PACKING_ATTR, bool(packing))
+    return model
 
 
 def backbone_of(model: PreTrainedModel) -> nn.Module:
@@ -56,25 +77,112 @@ def last_hidden_state(backbone: nn.Module, input_ids: Tensor, attention_mask: Te
     return out.last_hidden_state
 
 
+@dataclass
+class PackedBatch:
+    """A padded [B, T] batch as one row of its real tokens (M of them), and the way back.
+
+    "Pairs" are the positions (b, t) of the [B, T-1] layout whose target t+1 is a real
+    token too: those are the only positions a packed forward computes.
+    """
+
+    input_ids: Tensor      # [1, M] every row's real tokens, back to back
+    position_ids: Tensor   # [1, M] 0..L_b-1 within each sequence
+    cu_seqlens: Tensor     # [B+1] int32, cumulative sequence lengths (varlen attention)
+    max_len: int           # longest sequence
+    pairs: Tensor          # [B, T-1] bool: real token at t and at t+1
+    source: Tensor         # [K] index into the M packed tokens of each pair's token t
+    targets: Tensor        # [K] input_ids[b, t+1] of each pair
+
+    def attention_kwargs(self) -> dict:
+        """What a transformers backbone takes for a packed forward: position ids (sdpa/eager
+        derive a block-diagonal mask from them) and the varlen arguments (flash/rlhf_varlen)."""
+        return dict(position_ids=self.position_ids, cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                    max_length_q=self.max_len, max_length_k=self.max_len)
+
+    def unpack(self, per_pair: Tensor) -> Tensor:
+        """[K, ...] values of the pairs -> [B, T-1, ...], 0 elsewhere (differentiable)."""
+        out = per_pair.new_zeros((*self.pairs.shape, *per_pair.shape[1:]))
+        out[self.pairs] = per_pair
+        return out
+
+
+def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:
+    """[B, T] ids and mask -> PackedBatch. Positions count real tokens only, so a
+    right-padded row gets 0..L-1, exactly the positions of the padded forward."""
+    real = attention_mask.bool()
+    flat = real.reshape(-1)
+    index = flat.long().cumsum(0).reshape(real.shape) - 1  # packed index of each real (b, t)
+    pairs = real[:, :-1] & real[:, 1:]
+    lengths = real.sum(1)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = lengths.cumsum(0)
+    return PackedBatch(
+        input_ids=input_ids.reshape(-1)[flat][None],
+        position_ids=(real.long().cumsum(1) - 1).reshape(-1)[flat][None],
+        cu_seqlens=cu, max_len=int(lengths.max()) if len(lengths) else 0,
+        pairs=pairs, source=index[:, :-1][pairs], targets=input_ids[:, 1:][pairs])
+
+
+def packed_hidden_state(backbone: PreTrainedModel, packed: PackedBatch) -> Tensor:
+    """[1, M] packed ids -> [M, H]; no attention mask, so sequences are told apart by the
+    position ids (sdpa/eager) or the cumulative lengths (varlen kernels)."""
+    _maybe_use_varlen_attention(backbone, packed.input_ids.device)
+    out = backbone(input_ids=packed.input_ids, attention_mask=None, use_cache=False, **packed.attention_kwargs())
+    return out.last_hidden_state[0]
+
+
+def _maybe_use_varlen_attention(backbone: PreTrainedModel, device: torch.device) -> None:
+    """On CUDA, swap sdpa/eager (a dense [M, M] block-diagonal mask) for varlen attention."""
+    if device.type != "cuda" or getattr(backbone.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return
+    from rlhf.kernels.varlen_attention import use_varlen_attention, varlen_unavailable_reason
+
+    reason = varlen_unavailable_reason(device)
+    if reason is None:
+        use_varlen_attention(backbone)
+    _log_attention_choice(reason)
+
+
+@functools.cache
+def _log_attention_choice(reason: str | None) -> None:
+    if reason is None:
+        _log.info("packed forwards: attention switched to rlhf_varlen (torch varlen flash kernel)")
+    else:
+        _log.warning("packed forwards: keeping sdpa with a dense block-diagonal mask (%s); install "
+                     "flash-attn and load with attn_implementation='flash_attention_2' for varlen", reason)
+
+
 def sequence_logprobs(
     model: PreTrainedModel,
     batch: SequenceBatch,
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = False,
+    *,
+    packing: bool | None = None,
+    backend: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-prob of every target token under softmax(logits / temperature).
 
     batch.input_ids [B, T]. Returns logp [B, T-1] float32 (and entropy [B, T-1] when
     `with_entropy`); position t is log p(input_ids[:, t+1] | input_ids[:, :t+1]).
-    Every position is computed; callers mask with batch.action_mask. Differentiable.
-    Tied embeddings need nothing special: get_output_embeddings().weight is then the input
-    embedding matrix itself.
+    Padded: every position is computed; callers mask with batch.action_mask. Packed
+    (`packing`, default: the model's `load_causal_lm(packing=...)`): positions whose target
+    is padding are 0. Differentiable. `backend`: "auto" | "reference" | "triton" (default:
+    $RLHF_LOGPROB_BACKEND or "auto"). Tied embeddings need nothing special:
+    get_output_embeddings().weight is then the input embedding matrix itself.
     """
-    hidden = last_hidden_state(backbone_of(model), batch.input_ids, batch.attention_mask)
+    packing = getattr(model, PACKING_ATTR, False) if packing is None else packing
     head = model.get_output_embeddings()
-    return token_logprobs(hidden[:, :-1], head.weight, batch.input_ids[:, 1:], bias=head.bias,
-                          temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    logprobs = select_backend(backend or default_backend(), batch.input_ids.device)
+    kw = dict(bias=head.bias, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
+    if not packing:
+        hidden = last_hidden_state(backbone_of(model), batch.input_ids, batch.attention_mask)
+        return logprobs(hidden[:, :-1], head.weight, batch.input_ids[:, 1:], **kw)
+    packed = pack_batch(batch.input_ids, batch.attention_mask)
+    hidden = packed_hidden_state(backbone_of(model), packed)
+    out = logprobs(hidden[packed.source], head.weight, packed.targets, **kw)
+    return tuple(packed.unpack(x) for x in out) if with_entropy else packed.unpack(out)
 
 
 class ValueModel(nn.Module):
@@ -83,10 +191,12 @@ class ValueModel(nn.Module):
     `values(batch)[b, t]` is V(state after token t), aligned with the [B, T-1] action layout.
     """
 
-    def __init__(self, backbone: PreTrainedModel, value_head: nn.Linear | None = None) -> None:
+    def __init__(self, backbone: PreTrainedModel, value_head: nn.Linear | None = None,
+                 packing: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
+        self.packing = packing  # pack sequences in forward (see the module docstring)
         if value_head is None:
             value_head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
             # Zero init: the critic starts out predicting 0 everywhere, so the first value
@@ -96,7 +206,8 @@ class ValueModel(nn.Module):
         self.value_head = value_head
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype = "float32") -> "ValueModel":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                        packing: bool = False) -> "ValueModel":
         """Backbone from a causal-LM (or backbone-only) folder; the value head from
         `<path>/value_head.safetensors` when the folder has one, else zero-initialised.
 
@@ -107,7 +218,7 @@ class ValueModel(nn.Module):
         dtype = resolve_dtype(dtype)
         # AutoModel on a *ForCausalLM folder loads the backbone and drops the LM head.
         backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
-        model = cls(backbone)
+        model = cls(backbone, packing=packing)
         head_file = Path(path) / VALUE_HEAD_FILE
         if head_file.is_file():
             state = load_file(str(head_file))
@@ -126,7 +237,12 @@ class ValueModel(nn.Module):
         save_file(head, str(Path(path) / VALUE_HEAD_FILE))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B, T] -> values [B, T-1] float32 (the last position has no action, so it is cut)."""
+        """[B, T] -> values [B, T-1] float32 (the last position has no action, so it is cut;
+        packed, positions whose next token is padding are 0)."""
+        if self.packing:
+            packed = pack_batch(input_ids, attention_mask)
+            hidden = packed_hidden_state(self.backbone, packed)
+            return packed.unpack(self.value_head(hidden[packed.source]).squeeze(-1).float())
         hidden = last_hidden_state(self.backbone, input_ids, attention_mask)
         return self.value_head(hidden[:, :-1]).squeeze(-1).float()
 

@@ -1,38 +1,178 @@
 """Reference policy: a frozen copy of the initial (SFT) policy, for the KL penalty.
 
-A plain class; the driver wraps it with ``ray.remote(num_cpus=..., num_gpus=...)``. It holds
-the whole model on one device (no DeepSpeed: there is no optimizer state to shard). Runs
-the same on one CPU machine and on a GPU node.
+A plain class; the driver wraps it with ``ray.remote(num_cpus=..., num_gpus=...)``, one
+actor per rank. Two ways to hold the model (config section `reference`):
+
+- zero_stage 0 (default): every rank holds the whole model on its device; no DeepSpeed,
+  no process group. With num_ranks > 1 the ranks are independent replicas, each
+  scoring its slice of the batch.
+- zero_stage 3: the parameters are partitioned over num_ranks DeepSpeed ZeRO-3 inference
+  ranks (no optimizer), so a reference larger than one GPU fits, e.g. a 70B bf16 model
+  (141 GB) over 4 x 80 GB. `offload` keeps the partitions in CPU memory. Same collective
+  protocol as the learners (rlhf.actors.learner):
+
+      ranks = [ray.remote(ReferenceModel).options(...).remote(path, zero_stage=3) for _ in range(W)]
+      host, port = ray.get(ranks[0].master_address.remote())
+      ray.get([r.init_process_group.remote(host, port, i, W) for i, r in enumerate(ranks)])
+      ray.get([r.compute_logprobs.remote(part, T) for r, part in zip(ranks, batch.split(W))])
+
+  compute_logprobs is then collective: every rank calls it at once with an equal slice
+  (each forward gathers every layer's parameters from all ranks).
+
+Runs the same on one CPU machine (gloo; tests/integration/test_reference_sharded.py) and
+on GPU nodes (nccl).
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import os
+import socket
 
-from rlhf.actors.modeling import load_causal_lm, sequence_logprobs
+import torch
+from torch import Tensor, nn
+
+from rlhf.actors.modeling import load_causal_lm, resolve_dtype, sequence_logprobs
 from rlhf.orchestrator.experience import SequenceBatch
+
+
+class _Logprobs(nn.Module):
+    """What the ZeRO-3 engine runs: token log-probs from the last hidden state and the
+    output embedding (never the [B, T, V] logits)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
+        batch = SequenceBatch(input_ids, attention_mask, attention_mask[:, 1:])
+        return sequence_logprobs(self.model, batch, temperature, self.chunk_size)
 
 
 class ReferenceModel:
     """Log-probs of sequences under the frozen initial policy."""
 
     def __init__(self, model_path: str, dtype: str = "float32", micro_batch_size: int = 8,
-                 num_threads: int = 1, chunk_size: int = 1024) -> None:
+                 num_threads: int = 1, chunk_size: int = 1024, zero_stage: int = 0,
+                 offload: bool = False, backend: str = "gloo", packing: bool = False) -> None:
+        if zero_stage not in (0, 3):
+            raise ValueError(f"reference zero_stage must be 0 or 3, got {zero_stage}")
+        if offload and zero_stage != 3:
+            raise ValueError("offload needs zero_stage 3 (only partitioned parameters are offloaded)")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         torch.set_num_threads(num_threads)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.model = load_causal_lm(model_path, dtype).to(self.device).eval()
-        self.model.requires_grad_(False)
+        self.model_path, self.dtype, self.zero_stage = model_path, dtype, zero_stage
+        self.offload, self.backend = offload, backend
+        self.packing = packing  # pack micro-batches in forward (rlhf.actors.modeling)
         self.micro_batch_size, self.chunk_size = micro_batch_size, chunk_size
+        self.rank, self.world_size, self.engine = 0, 1, None
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if zero_stage == 0:
+            self.model = load_causal_lm(model_path, dtype, packing=packing).to(self.device).eval()
+            self.model.requires_grad_(False)
+        # ZeRO-3 loads in init_process_group: partitioning needs the process group.
 
+    # ---- set-up (ZeRO-3) -------------------------------------------------------------
+    def master_address(self) -> tuple[str, int]:
+        """(node IP, free port) for the ranks' rendezvous; ask rank 0 only."""
+        host = "127.0.0.1"
+        try:
+            import ray
+
+            if ray.is_initialized():
+                host = ray.util.get_node_ip_address()
+        except ImportError:
+            pass
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def init_process_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Joins the ranks' process group and partitions the model (all ranks; ZeRO-3 only).
+
+        Each rank reads the whole checkpoint into CPU memory, then `zero.Init(module=...)`
+        moves it to the device one parameter at a time and keeps only this rank's
+        partition, so the device never holds the whole model (deepspeed.initialize alone
+        would first move the whole module to the GPU). CPU memory peaks at one full copy
+        per rank during the load."""
+        if self.zero_stage != 3:
+            self.rank, self.world_size = rank, world_size  # replicas need no group
+            return
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), so LOCAL_RANK=0.
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        self.rank, self.world_size = rank, world_size
+        deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False, verbose=False)
+        config = self._ds_config()
+        model = load_causal_lm(self.model_path, self.dtype, packing=self.packing).eval()
+        model.requires_grad_(False)
+        deepspeed.zero.Init(module=model, config_dict_or_path=config)
+        for buf in model.buffers():  # zero.Init moves parameters only (e.g. rotary inv_freq stays)
+            buf.data = buf.data.to(get_accelerator().current_device_name())
+        module = _Logprobs(model, self.chunk_size)
+        self.engine, *_ = deepspeed.initialize(model=module, config=config)
+        self.device = self.engine.device
+        # The output embedding is used outside its own module's forward (see _Logprobs),
+        # so DeepSpeed must gather it for the whole wrapper forward.
+        head = model.get_output_embeddings()
+        for p in (head.weight, head.bias):
+            if p is not None:
+                deepspeed.zero.register_external_parameter(module, p)
+
+    def _ds_config(self) -> dict:
+        zero: dict = {"stage": 3}
+        if self.offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        return {
+            # Inference only: no optimizer section, so DeepSpeed builds its ZeRO-3
+            # parameter-offload engine (partition + gather hooks) and nothing else.
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": zero,
+            "bf16": {"enabled": resolve_dtype(self.dtype) == torch.bfloat16},
+            "fp16": {"enabled": resolve_dtype(self.dtype) == torch.float16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def held_parameters(self) -> int:
+        """Parameter elements this rank holds: its ZeRO-3 partition, or the whole model."""
+        module = self.engine.module if self.engine is not None else self.model
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+    # ---- log-probs ----------------------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> Tensor:
         """[B, T] -> log-probs [B, T-1] float32 on CPU of softmax(logits / temperature),
-        0 outside action_mask (the learners' convention)."""
+        0 outside action_mask (the learners' convention). Collective under ZeRO-3."""
+        if self.zero_stage == 3 and self.engine is None:
+            raise RuntimeError("ZeRO-3 reference: call init_process_group on every rank first")
+        forward = self._forward_sharded if self.engine is not None else self._forward_plain
         out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-        for s in range(0, len(batch), self.micro_batch_size):
-            sl = slice(s, s + self.micro_batch_size)
+        for sl in self._micro_slices(len(batch)):
             mb = batch.select(sl).trimmed()
-            mb = SequenceBatch(mb.input_ids.to(self.device), mb.attention_mask.to(self.device), mb.action_mask)
-            out[sl, : mb.action_mask.shape[1]] = sequence_logprobs(self.model, mb, temperature,
-                                                                   self.chunk_size).float().cpu()
+            ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
+            out[sl, : mb.action_mask.shape[1]] = forward(ids, attn, temperature).float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+
+    def _forward_plain(self, ids: Tensor, attn: Tensor, temperature: float) -> Tensor:
+        return sequence_logprobs(self.model, SequenceBatch(ids, attn, attn[:, 1:]), temperature, self.chunk_size)
+
+    def _forward_sharded(self, ids: Tensor, attn: Tensor, temperature: float) -> Tensor:
+        return self.engine(ids, attn, temperature)
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        """Micro-batch slices; under ZeRO-3 checks every rank makes the same number of
+        forwards (a mismatch would otherwise hang in a parameter gather)."""
+        mbs = self.micro_batch_size
+        slices = [slice(s, min(s + mbs, n)) for s in range(0, n, mbs)]
+        if self.engine is not None and self.world_size > 1:
+            counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=self.device)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            if int(counts[0]) != -int(counts[1]):
+                raise ValueError(f"reference rank {self.rank}: ranks got different numbers of micro-batches "
+                                 f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
+        return slices

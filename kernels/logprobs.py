@@ -24,8 +24,9 @@ float32 through the softmax. Rounding logits to bf16 moves log-probs by up to ~0
 rollout engine and the learner agree far better than that. On CPU, half-precision GEMMs
 still round their output before we upcast (CPU half precision is a test path only).
 
-Backends (``select_backend``): ``reference`` is this file; ``triton`` (a fused GPU kernel)
-comes in a later issue; ``auto`` falls back to the reference and logs that it did.
+Backends (``select_backend``): ``reference`` is this file; ``triton`` is the fused kernel
+in ``logprobs_triton.py`` (logits never leave the GPU's registers, fp32 softmax); ``auto``
+picks Triton on CUDA devices where triton imports and this file elsewhere, logging which.
 
 Pure torch; no Ray/vLLM/DeepSpeed imports. Tests: ``tests/unit/test_logprobs_kernel.py``.
 Benchmark: ``bench/bench_logprobs.py``.
@@ -35,12 +36,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs", "naive_token_logprobs", "select_backend"]
+__all__ = ["token_logprobs", "naive_token_logprobs", "select_backend", "default_backend"]
 
 _log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
@@ -225,28 +227,65 @@ def naive_token_logprobs(
     return logp_y, -(logp.exp() * logp).sum(-1)
 
 
+BACKENDS = ("auto", "reference", "triton")
+BACKEND_ENV = "RLHF_LOGPROB_BACKEND"
+
+
+def default_backend() -> str:
+    """The backend name from $RLHF_LOGPROB_BACKEND ("auto" when unset).
+
+    An environment variable rather than a config key: the choice is a property of the
+    machine (GPU or not, triton installed or not), not of the experiment, and "auto" is
+    right everywhere; set it (e.g. in a Ray runtime_env) only to force one for a comparison.
+    """
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
 @functools.cache
-def _log_triton_fallback() -> None:
-    _log.warning(
-        "token log-probs: the Triton kernel is not available (not implemented yet); "
-        "using the chunked PyTorch reference (rlhf.kernels.logprobs.token_logprobs)."
-    )
+def _log_choice(name: str, device_type: str, chosen: str, reason: str | None) -> None:
+    """One log line per distinct choice and process, so a fallback is never silent."""
+    if chosen == "triton":
+        _log.info("token log-probs: backend %r on %s -> the fused Triton kernel", name, device_type)
+    else:
+        _log.warning(
+            "token log-probs: backend %r on %s -> the chunked PyTorch reference "
+            "(rlhf.kernels.logprobs.token_logprobs); the Triton kernel is not used: %s",
+            name, device_type, reason or "not requested",
+        )
 
 
-def select_backend(name: str = "auto") -> Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+def select_backend(
+    name: str = "auto", device: torch.device | str | None = None
+) -> Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """Pick the token log-prob implementation: "auto" | "reference" | "triton".
 
-    "auto" would prefer Triton; until it exists it returns the reference and logs the
-    fallback once per process. Asking for "triton" explicitly raises.
+    `device` is where the inputs live (default: cuda when available, else cpu).
+    "auto" returns the Triton kernel on a CUDA device when triton imports, else the chunked
+    reference; the choice (and a fallback's reason) is logged once per process. "triton"
+    raises RuntimeError where it cannot run. Both functions take the same arguments.
     """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown token log-prob backend {name!r}; expected 'auto', 'reference' or 'triton'")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if name == "reference":
         return token_logprobs
-    if name == "auto":
-        _log_triton_fallback()
-        return token_logprobs
+    from .logprobs_triton import triton_token_logprobs, triton_unavailable_reason
+
+    if name == "auto" and device.type != "cuda":
+        # Not even an import attempt: CPU runs stay exactly as without Triton installed.
+        reason = f"'auto' uses it on CUDA devices only (inputs on {device.type})"
+    else:
+        reason = triton_unavailable_reason(device)
+    if reason is None:
+        _log_choice(name, device.type, "triton", None)
+        return triton_token_logprobs
     if name == "triton":
-        raise NotImplementedError(
-            "token log-probs backend 'triton' is not implemented yet; "
-            "use 'reference' (chunked PyTorch) or 'auto' (falls back to it, with a log line)."
-        )
-    raise ValueError(f"unknown token log-prob backend {name!r}; expected 'auto', 'reference' or 'triton'")
+        raise RuntimeError(f"token log-probs backend 'triton' cannot run on {device.type}: {reason}; "
+                           "use 'reference' (chunked PyTorch) or 'auto'")
+    _log_choice(name, device.type, "reference", reason)
+    return token_logprobs

@@ -2,9 +2,12 @@
 
     rlhf config show CONFIG [dotted.key=value ...]   print the resolved config as YAML
     rlhf config keys                                 every key with type, default, meaning
-    rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
+    rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
     rlhf sft CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
     rlhf pipeline CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
+    rlhf submit CONFIG [overrides] --address http://HEAD:8265 [--stage S] [--no-wait] [--retries N]
+    rlhf jobs list|status ID|logs ID [--follow]|stop ID [--address ...]
+    rlhf plan CONFIG [overrides] [--cluster FILE] [--node-type NAME]   placement + GPU memory, exit 2 if it does not fit
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
 
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
@@ -14,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf.orchestrator.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCallFailed, RemoteCallTimeout
+from rlhf.orchestrator.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCallFailed,
+                                      RemoteCallTimeout, TrainingAborted)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +31,9 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_config_show(args) -> int:
     from rlhf.orchestrator.config import load_config, to_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    from rlhf.orchestrator.secrets import redact
+
+    print(redact(to_yaml(load_config(args.config, args.overrides))), end="")
     return EXIT_OK
 
 
@@ -44,7 +50,8 @@ def _cmd_ppo(args) -> int:
     from rlhf.orchestrator.launch import run_ppo
 
     cfg = load_config(args.config, args.overrides)
-    run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address)
+    run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address,
+            resume=args.resume)
     return EXIT_OK
 
 
@@ -78,7 +85,8 @@ def _add_run_command(sub, name: str, help: str, func, resume: bool = False) -> N
     cmd.add_argument("--address", default=None,
                      help="Ray cluster to join (e.g. auto or HOST:6379); default: an embedded local Ray")
     if resume:
-        cmd.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished stages")
+        cmd.add_argument("--resume", action="store_true",
+                         help="continue the run in --out from its latest checkpoint (finished stages are skipped)")
     cmd.set_defaults(func=func)
 
 
@@ -122,11 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_cmd_config_keys)
 
 
-    _add_run_command(sub, "ppo", "PPO against the configured reward, on Ray", _cmd_ppo)
+    _add_run_command(sub, "ppo", "PPO against the configured reward, on Ray", _cmd_ppo, resume=True)
     _add_run_command(sub, "sft", "supervised fine-tuning on demonstrations (Ray Train + DeepSpeed)", _cmd_sft)
     _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
                      _cmd_pipeline, resume=True)
     _add_chat(sub)
+    from rlhf.orchestrator.jobs import register as register_jobs
+
+    register_jobs(sub)  # submit, jobs list|status|logs|stop
+    from rlhf.orchestrator.plan import register as register_plan
+
+    register_plan(sub)  # plan
     return parser
 
 
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (RemoteCallFailed, RemoteCallTimeout) as err:
+    except (RemoteCallFailed, RemoteCallTimeout, TrainingAborted) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_RUNTIME
 

@@ -52,6 +52,8 @@ class ModelConfig(Section):
     reward: Optional[str] = _f(None, "reward model name or folder; null = score with the task's reward function")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype in learners and engines")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "architecture used when policy is `tiny`")
+    packing: bool = _f(False, "learner and reference forwards pack each micro-batch's sequences into one row "
+                       "(no compute on padding; pays off on GPUs with varlen attention, slower on CPU sdpa)")
 
 
 class DataConfig(Section):
@@ -64,6 +66,8 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
+    backend: Literal["vllm", "hf"] = _f("vllm", "rollout engine: vllm, or hf (transformers generate; "
+                                        "no vLLM needed, one device per engine)")
     engines: int = _f(1, "number of vLLM engines (Ray actors)", gt=0)
     tensor_parallel_size: int = _f(1, "GPUs per engine", gt=0)
     n_samples: int = _f(1, "completions sampled per prompt (>= 2 for critic-free advantages)", gt=0)
@@ -72,6 +76,10 @@ class RolloutConfig(Section):
     top_p: float = _f(1.0, "nucleus sampling mass", gt=0, le=1)
     gpu_memory_utilization: float = _f(0.5, "fraction of a GPU an engine may take", gt=0, le=1)
     kv_cache_gib: int = _f(1, "KV cache size per engine on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE)", gt=0)
+    max_restarts: int = _f(2, "times Ray restarts a dead engine per run; its unfinished prompts are re-issued", ge=0)
+    overlap: bool = _f(False, "generate step k+1 while the learners train on step k (one step off-policy, "
+                             "importance-weighted against the sampler's log-probs)")
+    overlap_is_cap: float = _f(2.0, "truncation of those importance weights pi_learner / pi_sampler", gt=0)
 
 
 class KLConfig(Section):
@@ -106,6 +114,8 @@ class PPOConfig(Section):
         "token_mean", "how token losses are averaged (exact under micro-batching and data parallelism)")
     ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT log-likelihood mixed into the policy loss", ge=0)
     kl: KLConfig = _f(KLConfig(), "KL penalty to the reference (SFT) policy")
+    max_nonfinite_skips: int = _f(3, "abort after this many consecutive updates skipped for a non-finite "
+                                  "loss, advantage or gradient norm", gt=0)
 
 
 class LearnerConfig(Section):
@@ -124,10 +134,22 @@ class CriticConfig(LearnerConfig):
     init: Literal["reward", "policy"] = _f("reward", "initialise the critic from the reward model or the policy")
 
 
+class ReferenceConfig(Section):
+    num_ranks: int = _f(1, "reference actors; each scores an equal slice of the batch", gt=0)
+    zero_stage: Literal[0, 3] = _f(0, "0 = every rank holds the whole model; 3 = parameters partitioned over "
+                                   "the ranks (DeepSpeed ZeRO-3 inference), for a reference larger than one GPU")
+    offload: bool = _f(False, "keep the ZeRO-3 parameter partitions in CPU memory (needs zero_stage 3)")
+
+
 class SyncConfig(Section):
     backend: Literal["object_store", "gloo", "nccl", "cuda_ipc"] = _f(
         "object_store", "how new policy weights reach the rollout engines")
     bucket_mb: float = _f(64.0, "weights are sent in buckets of about this many MB", gt=0)
+
+
+class CheckpointConfig(Section):
+    every: int = _f(10, "save a resumable checkpoint every N PPO steps (and at the end); 0 = only at the end", ge=0)
+    keep: int = _f(2, "keep the newest K step checkpoints; older ones are deleted", gt=0)
 
 
 class PlacementConfig(Section):
@@ -194,7 +216,9 @@ class ExperimentConfig(Section):
     ppo: PPOConfig = _f(PPOConfig(), "PPO algorithm")
     policy: LearnerConfig = _f(LearnerConfig(), "policy learner (DeepSpeed)")
     critic: CriticConfig = _f(CriticConfig(), "critic learner (DeepSpeed); used with ppo.advantage=gae")
+    reference: ReferenceConfig = _f(ReferenceConfig(), "frozen reference policy for the KL penalty")
     sync: SyncConfig = _f(SyncConfig(), "policy -> engine weight sync")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "resumable checkpoints (weights, optimizer, RNG, data position)")
     placement: PlacementConfig = _f(PlacementConfig(), "where roles run")
     logger: LoggerConfig = _f(LoggerConfig(), "metric logging")
     sft: SFTConfig = _f(SFTConfig(), "supervised fine-tuning stage")
@@ -214,6 +238,11 @@ def check_consistency(cfg: ExperimentConfig) -> None:
         if ppo.train_batch_size % (ppo.micro_batch_size * ranks):
             raise ConfigError("ppo.micro_batch_size", f"micro_batch_size x {role}.num_ranks = "
                               f"{ppo.micro_batch_size * ranks} must divide ppo.train_batch_size = {ppo.train_batch_size}")
+    if samples % cfg.reference.num_ranks:
+        raise ConfigError("reference.num_ranks", f"must divide the samples per step "
+                          f"(ppo.prompts_per_step x rollout.n_samples = {samples}), got {cfg.reference.num_ranks}")
+    if cfg.reference.offload and cfg.reference.zero_stage != 3:
+        raise ConfigError("reference.offload", "offloads ZeRO-3 parameter partitions; set reference.zero_stage=3")
     if ppo.advantage != "gae" and rollout.n_samples < 2:
         raise ConfigError("rollout.n_samples", f"ppo.advantage={ppo.advantage} compares replies to the same "
                           f"prompt and needs n_samples >= 2, got {rollout.n_samples}")
@@ -227,6 +256,12 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if cfg.sync.backend in ("nccl", "cuda_ipc") and cfg.placement.gpus_per_node == 0:
         raise ConfigError("sync.backend", f"{cfg.sync.backend} needs GPUs (placement.gpus_per_node is 0); "
                           "use object_store or gloo on CPU")
+    if rollout.backend == "hf" and rollout.tensor_parallel_size != 1:
+        raise ConfigError("rollout.tensor_parallel_size", f"rollout.backend=hf runs one device per engine, "
+                          f"got {rollout.tensor_parallel_size}")
+    if rollout.backend == "hf" and cfg.sync.backend == "nccl":
+        raise ConfigError("sync.backend", "rollout.backend=hf receives weights by object_store, gloo or cuda_ipc "
+                          "(the nccl route uses vLLM's communicator)")
     for name in cfg.reward.functions:
         if name not in REWARD_FUNCTIONS:
             near = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1, cutoff=0.5)

@@ -7,7 +7,9 @@ On a cluster (join a running Ray cluster; see deploy/):
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,14 @@ from pathlib import Path
 import ray
 
 from rlhf.actors.timing import with_compute_clock
+from rlhf.orchestrator.checkpoint import CheckpointManager
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.logger import RunLogger
 from rlhf.orchestrator.placement import create_placement_groups, plan_resources
 from rlhf.orchestrator.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
-from rlhf.orchestrator.rundir import prepare_run_dir
+from rlhf.orchestrator.rundir import prepare_run_dir, write_atomic
 from rlhf.orchestrator.weight_sync import make_weight_sync
 
 
@@ -86,13 +89,22 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     from rlhf.actors.reference import ReferenceModel
     from rlhf.actors.reward import RewardScorer
     from rlhf.actors.rollout import RolloutEngine
+    from rlhf.actors.rollout_hf import HFRolloutEngine
     from rlhf.orchestrator.rollout_group import RolloutGroup
 
-    def remote(cls, role: str, index: int):
+    def remote(cls, role: str, index: int, **restart):
         return ray.remote(with_compute_clock(cls)).options(scheduling_strategy=pgs.strategy(role, index),
-                                                           **pgs.resources(role))
+                                                           **pgs.resources(role), **restart)
 
-    engines = [remote(RolloutEngine, "rollout", i).remote(
+    # A dead engine is restarted by Ray but its calls are NOT retried by Ray: the rollout
+    # group re-syncs the fresh engine's weights first, then re-issues its prompts. The reward
+    # actor is stateless, so Ray may simply restart it and retry the call.
+    engine_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
+    reward_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=cfg.rollout.max_restarts)
+
+    # Both backends take the same arguments; the hf one ignores the vLLM-only ones.
+    engine_cls = HFRolloutEngine if cfg.rollout.backend == "hf" else RolloutEngine
+    engines = [remote(engine_cls, "rollout", i, **engine_restart).remote(
         model_path=paths.policy, dtype=cfg.model.dtype,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -106,7 +118,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
                            warmup_steps=section.warmup_steps, micro_batch_size=cfg.ppo.micro_batch_size,
                            seed=cfg.seed + seed_offset, temperature=cfg.rollout.temperature,
                            backend="nccl" if cfg.placement.gpus_per_node else "gloo", offload=section.offload,
-                           gradient_checkpointing=section.gradient_checkpointing)
+                           gradient_checkpointing=section.gradient_checkpointing, packing=cfg.model.packing)
 
     policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, paths.policy, 0))
                                      for i in range(cfg.policy.num_ranks)], timeout_s)
@@ -114,12 +126,16 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     if cfg.ppo.advantage == "gae":
         critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, paths.critic, 1))
                                          for i in range(cfg.critic.num_ranks)], timeout_s)
-    reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", 0).remote(
-        model_path=paths.reference, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size)], timeout_s)
+    ref = cfg.reference  # ZeRO-3 ranks partition the model and join a process group below
+    reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", i).remote(
+        model_path=paths.reference, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size,
+        zero_stage=ref.zero_stage, offload=ref.offload, backend="nccl" if cfg.placement.gpus_per_node else "gloo",
+        packing=cfg.model.packing)
+        for i in range(ref.num_ranks)], timeout_s)
     # A reward model gets its own placement; rule-based functions are cheap Python and
     # need no reserved resources.
-    reward_cls = (remote(RewardScorer, "reward", 0) if cfg.model.reward
-                  else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0))
+    reward_cls = (remote(RewardScorer, "reward", 0, **reward_restart) if cfg.model.reward
+                  else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0, **reward_restart))
     reward = reward_cls.remote(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
                                clip=cfg.reward.clip, dtype=cfg.model.dtype,
@@ -127,11 +143,12 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
     actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")
-    for group in (policy, critic):
+    for group in (policy, critic, reference if ref.zero_stage == 3 else None):
         if group is not None:
             group.init_process_group()
     rollout = RolloutGroup(engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size, timeout_s=timeout_s)
     sync = make_weight_sync(cfg.sync.backend, policy, rollout, cfg.sync.bucket_mb, timeout_s)
+    rollout.on_engine_restart = sync.resync  # a restarted engine holds the initial weights
     return Roles(rollout, policy, critic, reference, reward, sync)
 
 
@@ -148,17 +165,19 @@ class PPOSession:
     pgs: object       # PlacementGroups
 
     def close(self) -> None:
+        self.trainer.close()
         self.roles.rollout.shutdown()
         self.pgs.remove()
 
 
 def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None,
               timeout_s: float = 600.0, reference: str | None = None,
-              ptx_rows: list | None = None) -> PPOSession:
+              ptx_rows: list | None = None, resume: bool = False) -> PPOSession:
     """Validates inputs, resolves the model, starts Ray, places and launches every role.
 
     `reference`: folder of the KL reference (default: the initial policy). `ptx_rows`:
-    encoded demonstrations for PPO-ptx (needed when ppo.ptx_coef > 0)."""
+    encoded demonstrations for PPO-ptx (needed when ppo.ptx_coef > 0). Bad input raises
+    `BadInput` and leaves no new output folder behind."""
     from transformers import AutoTokenizer
 
     from rlhf.orchestrator.ppo import PPOTrainer
@@ -166,17 +185,26 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
     if not cfg.reward.functions and cfg.model.reward is None:
         raise BadInput("reward.functions: no reward source; set model.reward or at least one reward function")
     plan = plan_resources(cfg)
-    out = prepare_run_dir(out_dir, cfg)
-    dialogues = read_dialogues(cfg.data.train) if cfg.data.train else \
-        task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
-    model_path = resolve_policy(cfg, out, dialogues)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.chat_template is None:
-        raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
-    prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
-
-    start_ray(address, int(plan.total("CPU")))
-    pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
+    out = Path(out_dir).resolve()
+    if not resume and CheckpointManager(out / "checkpoints").latest() is not None:
+        raise BadInput(f"output folder {out} holds checkpoints of an earlier run; pass --resume to continue it "
+                       "or choose another --out")
+    created = not out.exists()
+    try:
+        out = prepare_run_dir(out, cfg)
+        dialogues = read_dialogues(cfg.data.train) if cfg.data.train else \
+            task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
+        model_path = resolve_policy(cfg, out, dialogues)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if tokenizer.chat_template is None:
+            raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
+        prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
+        start_ray(address, int(plan.total("CPU")))
+        pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
+    except BadInput:
+        if created:  # nothing half-written: the folder this call made goes again
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if cfg.ppo.ptx_coef > 0 and ptx_rows is None:
         from rlhf.orchestrator.dialogues import encode_dialogues
 
@@ -195,29 +223,85 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
     return PPOSession(cfg, out, roles, trainer, prompts, batches, pgs)
 
 
+def _learner_groups(roles: Roles) -> list[tuple[str, LearnerGroup]]:
+    return [("policy", roles.policy)] + ([("critic", roles.critic)] if roles.critic else [])
+
+
+def save_checkpoint(session: PPOSession, ckpts: CheckpointManager, step: int, timeout_s: float) -> Path:
+    """Every learner rank writes its DeepSpeed state into the checkpoint's temporary folder;
+    the driver adds its own state; CheckpointManager makes it visible atomically."""
+    def write(tmp: Path) -> None:
+        refs = [r for name, group in _learner_groups(session.roles)
+                for r in group.call_all("save_checkpoint", str(tmp / name))]
+        wait_all(refs, timeout_s, "save_checkpoint (policy, critic ranks)")
+
+    state = {"step": step, "name": session.cfg.name, "trainer": session.trainer.state_dict()}
+    return ckpts.save(step, state, write)
+
+
+def restore_checkpoint(session: PPOSession, ckpts: CheckpointManager, timeout_s: float) -> tuple[int, list[dict]]:
+    """Loads the latest complete checkpoint into the running roles; returns (steps done,
+    metric rows up to then). No checkpoint: (0, []), a fresh start."""
+    for partial in ckpts.clean_partial():
+        print(f"resume: removed the incomplete checkpoint {partial.name} (a crash while it was written)")
+    path = ckpts.latest()
+    metrics = session.out / "metrics.jsonl"
+    if path is None:
+        print(f"resume: no checkpoint in {ckpts.root}; starting from step 1")
+        return 0, []
+    state = ckpts.load_state(path)
+    refs = [r for name, group in _learner_groups(session.roles)
+            for r in group.call_all("load_checkpoint", str(path / name))]
+    wait_all(refs, timeout_s, f"load_checkpoint {path.name} (policy, critic ranks)")
+    session.trainer.load_state_dict(state["trainer"])
+    for _ in range(state["step"]):  # the data position: the prompt stream is reproducible from the seed
+        next(session.batches)
+    session.roles.sync.sync()  # the engines started from the initial weights
+    # Rows logged after the checkpoint belong to steps about to be redone.
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    rows = [r for r in rows if r.get("step", 0) <= state["step"]]
+    write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"resume: continuing after step {state['step']} from {path}")
+    return state["step"], rows
+
+
 def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
-            address: str | None = None, timeout_s: float = 600.0, reference: str | None = None) -> dict:
-    """`rlhf ppo`: the steps with a progress bar, metrics to the logger, the final policy saved."""
+            address: str | None = None, timeout_s: float = 600.0, reference: str | None = None,
+            resume: bool = False) -> dict:
+    """`rlhf ppo`: the steps with a progress bar, metrics to the logger, a resumable checkpoint
+    every checkpoint.every steps and at the end, the final policy saved as an HF folder.
+    `resume`: continue after the latest complete checkpoint in `out_dir` (fresh if none)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    session = start_ppo(cfg, out_dir, address, timeout_s, reference=reference)
+    session = start_ppo(cfg, out_dir, address, timeout_s, reference=reference, resume=resume)
     steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
-    logger = RunLogger(session.out, cfg.logger, cfg.name, cfg.model_dump(mode="json"))
+    ckpts = CheckpointManager(session.out / "checkpoints", cfg.checkpoint.keep)
     policy_dir = session.out / "checkpoints" / "final" / "policy"
-    history = []
+    logger = None
     try:
-        bar = tqdm(range(1, steps + 1), desc="ppo", unit="step", dynamic_ncols=True)
+        done, history = restore_checkpoint(session, ckpts, timeout_s) if resume else (0, [])
+        logger = RunLogger(session.out, cfg.logger, cfg.name, cfg.model_dump(mode="json"), append=done > 0)
+        bar = tqdm(range(done + 1, steps + 1), desc="ppo", unit="step", dynamic_ncols=True, initial=done, total=steps)
+        batch = next(session.batches)
         for step in bar:
-            metrics = session.trainer.step(step, next(session.batches))
+            # The next step's prompts are drawn now: with rollout.overlap they are generated
+            # while this step trains. (Draw order is the same either way: resume relies on it.)
+            upcoming = next(session.batches) if step < steps else None
+            metrics = session.trainer.step(step, batch, next_prompt_index=upcoming)
+            batch = upcoming
             metrics["data/prompts_truncated"] = session.prompts.truncated
+            metrics["data/prompts_rejected"] = session.prompts.rejected
             logger.log(metrics)
             history.append(metrics)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
+            if step == steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                save_checkpoint(session, ckpts, step, timeout_s)
         wait_all(session.roles.policy.call_all("save_pretrained", str(policy_dir)), timeout_s,
                  "policy save_pretrained")
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         session.close()
     first, last = history[0], history[-1]
     print(f"ppo done: {steps} steps in {time.perf_counter() - started:.0f}s; reward/mean "

@@ -6,11 +6,13 @@ uploads it later.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from rlhf.orchestrator.config import LoggerConfig
 from rlhf.orchestrator.rundir import MetricsLog
+from rlhf.orchestrator.secrets import redact
 
 
 class RunLogger:
@@ -25,14 +27,14 @@ class RunLogger:
             if mode == "auto":
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self._wandb = wandb.init(project=cfg.project, name=run_name, dir=str(out_dir), mode=mode,
-                                     config=config, reinit="finish_previous")
+                                     config=json.loads(redact(json.dumps(config))), reinit="finish_previous")
         elif cfg.backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard" / cfg.project))
 
     def log(self, metrics: dict) -> None:
-        self.jsonl.log(metrics)
+        self.jsonl.log(metrics)  # masks secret values (rundir.MetricsLog)
         step = int(metrics["step"])
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if self._wandb is not None:

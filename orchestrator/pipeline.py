@@ -151,8 +151,9 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy)
             rm_stage = state.stages[f"round{r}/rm"]
             if not state.done(f"round{r}/ppo"):
+                # resume: a PPO stage cut short continues from its own latest checkpoint.
                 result = run_ppo(_ppo_config(cfg, policy, rm_stage["checkpoint"]), rd / "ppo", max_steps=max_steps,
-                                 reference=sft)
+                                 reference=sft, resume=resume)
                 state.mark(f"round{r}/ppo", checkpoint=result["policy_dir"])
             policy = state.stages[f"round{r}/ppo"]["checkpoint"]
             if not state.done(f"round{r}/eval"):

@@ -12,7 +12,8 @@ Roles and what each actor asks for (one actor per engine / rank / model):
                vLLM runs its TP workers inside the actor, on the GPUs Ray gave it)
     policy     policy.num_ranks ranks, 1 GPU each
     critic     critic.num_ranks ranks, 1 GPU each; only with ppo.advantage=gae
-    reference  1 actor, 1 GPU
+    reference  reference.num_ranks ranks, 1 GPU each (whole-model replicas, or ZeRO-3
+               partitions with reference.zero_stage=3)
     reward     1 actor, 1 GPU; only when model.reward is set (rule-based rewards are
                scored in the driver, on CPU, and need no placement)
 
@@ -22,8 +23,8 @@ Every actor also asks for 1 logical CPU. Three layouts:
   group; placement.mode does not matter.
 - disaggregated: every actor gets its own bundle of whole GPUs; no two roles share a GPU.
 - colocated (the hybrid-engine layout): G = max(policy ranks, engines, critic ranks) bundles
-  of {"GPU": 1}; policy rank i, engine i and critic rank i share bundle i, the reference
-  sits on bundle 0 and the reward model on bundle 1 (mod G). Each actor asks for the same
+  of {"GPU": 1}; policy rank i, engine i, critic rank i and reference rank i share bundle
+  i, the reward model sits on bundle 1 (mod G); G counts reference ranks too. Each actor asks for the same
   fraction 1/k of its GPU, k = the number of GPU roles in the run: 1/4 = 0.25 for
   policy+rollout+reference+critic, 0.2 with a reward model too, 0.3333 without critic.
   The fraction is a scheduling token that keeps the k roles on one GPU, not a memory cap:
@@ -144,7 +145,7 @@ def _actor_counts(cfg: ExperimentConfig) -> dict[str, int]:
     counts = {"rollout": cfg.rollout.engines, "policy": cfg.policy.num_ranks}
     if cfg.ppo.advantage == "gae":
         counts["critic"] = cfg.critic.num_ranks
-    counts["reference"] = 1
+    counts["reference"] = cfg.reference.num_ranks
     if cfg.model.reward is not None:
         counts["reward"] = 1
     return counts
@@ -197,10 +198,10 @@ def _plan_disaggregated(counts: dict[str, int], gpus_each: dict[str, int], gpn: 
 
 def _plan_colocated(counts: dict[str, int], gpn: int) -> ResourcePlan:
     # G one-GPU bundles, cut into node-sized groups; actor i of a multi-actor role on bundle i,
-    # the single-actor models spread over the first bundles so bundle 0 is not the only crowded one.
-    n_bundles = max(n for name, n in counts.items() if name not in ("reference", "reward"))
+    # the reward model on bundle 1, so bundle 0 (reference rank 0) is not the only crowded one.
+    n_bundles = max(n for name, n in counts.items() if name != "reward")
     fraction = math.floor(10000 / len(counts)) / 10000  # 1/k, rounded down to Ray's precision
-    first_bundle = {"reference": 0, "reward": 1 % n_bundles}
+    first_bundle = {"reward": 1 % n_bundles}
 
     def slot(global_bundle: int) -> Slot:
         return Slot(global_bundle // gpn, global_bundle % gpn)

@@ -15,6 +15,7 @@ import yaml
 
 from rlhf.orchestrator.config import ExperimentConfig, to_yaml
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.secrets import Redactor, redact
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -49,7 +50,9 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
         if old_name != cfg.name:
             raise BadInput(f"output folder {out} holds a different experiment ({old_name!r}, "
                            f"not {cfg.name!r}); choose another --out")
-    write_atomic(existing, to_yaml(cfg))
+    # Secrets come from the environment only; should one have reached a config value, the
+    # file on disk still shows "***", never the value.
+    write_atomic(existing, redact(to_yaml(cfg)))
     return out
 
 
@@ -60,10 +63,11 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w")
+        self._redact = Redactor()  # once: the environment's secrets do not change mid-run
 
     def log(self, metrics: dict) -> None:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(self._redact(json.dumps(row)) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -189,18 +189,31 @@ def test_forward_saves_no_n_by_v_tensor(chunk):
     (logp.sum() + ent.sum()).backward()  # and it still differentiates
 
 
-def test_select_backend(caplog):
+def test_select_backend(caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert select_backend("reference") is token_logprobs
-    lp_mod._log_triton_fallback.cache_clear()
+    assert select_backend("reference", "cuda") is token_logprobs  # no device check for the reference
+    lp_mod._log_choice.cache_clear()
     with caplog.at_level(logging.WARNING, logger=lp_mod.__name__):
-        assert select_backend("auto") is token_logprobs
-        assert select_backend("auto") is token_logprobs
+        assert select_backend("auto", "cpu") is token_logprobs
+        assert select_backend("auto", torch.device("cpu")) is token_logprobs
     fallback = [r for r in caplog.records if "Triton" in r.getMessage()]
     assert len(fallback) == 1, "the fallback must be logged, once"
-    with pytest.raises(NotImplementedError, match="triton"):
-        select_backend("triton")
+    assert "reference" in fallback[0].getMessage()
+    with pytest.raises(RuntimeError, match="triton"):
+        select_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):
         select_backend("fast")
+
+
+def test_default_backend_from_environment(monkeypatch):
+    monkeypatch.delenv(lp_mod.BACKEND_ENV, raising=False)
+    assert lp_mod.default_backend() == "auto"
+    monkeypatch.setenv(lp_mod.BACKEND_ENV, "Reference")
+    assert lp_mod.default_backend() == "reference"
+    monkeypatch.setenv(lp_mod.BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match="RLHF_LOGPROB_BACKEND"):
+        lp_mod.default_backend()
 
 
 def test_rejects_mismatched_inputs():
