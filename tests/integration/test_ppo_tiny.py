@@ -30,15 +30,18 @@ def _run(out: Path, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_learns(rows: list[dict], steps: int) -> None:
+def _assert_learns(rows: list[dict], steps: int, overlapped: bool = False) -> None:
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     rewards = [r["reward/mean"] for r in rows]
     early, late = sum(rewards[:5]) / 5, sum(rewards[-8:]) / 8
     assert late > early + 0.15, f"reward/mean did not rise: first 5 {early:.3f}, last 8 {late:.3f}"
     # At step 1 the engines hold exactly the learner's weights: the PPO ratio starts at 1.
     assert rows[0]["rollout/logprob_gap"] < 1e-3
-    # After every sync it stays that way (sampling and training see the same policy).
-    assert max(r["rollout/logprob_gap"] for r in rows) < 1e-3
+    gaps = [r["rollout/logprob_gap"] for r in rows[1:]]
+    if overlapped:  # samples come from the policy one update older: a real, visible gap
+        assert min(gaps) > 1e-3 and all("timing/overlap_wait_s" in r for r in rows[:-1])
+    else:  # after every sync, sampling and training see the same policy
+        assert max(gaps) < 1e-3
 
 
 def test_ppo_tiny_gae_learns_and_writes_the_contract(tmp_path):
@@ -51,7 +54,10 @@ def test_ppo_tiny_gae_learns_and_writes_the_contract(tmp_path):
     assert (tmp_path / "gae" / "checkpoints" / "final" / "policy" / "config.json").is_file()
 
 
-def test_ppo_tiny_grpo_learns(tmp_path):
-    rows = _run(tmp_path / "grpo", "ppo.advantage=grpo", "ppo.steps=30")
+def test_ppo_tiny_grpo_with_overlapped_generation_learns(tmp_path):
+    """Critic-free, and the engines generate step k+1 while step k trains (rollout.overlap):
+    one step off-policy, corrected by importance weights; measured 0.025 -> 0.618 in 30 steps
+    (0.661 without overlap)."""
+    rows = _run(tmp_path / "grpo", "ppo.advantage=grpo", "ppo.steps=30", "rollout.overlap=true")
     assert "critic/loss" not in rows[0]
-    _assert_learns(rows, steps=30)
+    _assert_learns(rows, steps=30, overlapped=True)

@@ -127,8 +127,10 @@ def test_submit_runs_ppo_and_jobs_report_on_it(head, tmp_path):
     (tmp_path / "home").mkdir()
     env = _client_env(token, tmp_path / "home")
     out = tmp_path / "run"
-    # grpo: no critic learner to start, the shortest real PPO job (vLLM engine, DeepSpeed policy).
-    result = _rlhf(["submit", "configs/ppo-tiny.yaml", "logger.backend=none", "ppo.advantage=grpo", "--stage", "ppo",
+    # The shortest real PPO job: grpo (no critic learner to start) and the HF rollout backend
+    # (no vLLM engine start, ~30 s here); vLLM runs are covered by test_ppo_tiny/test_faults.
+    result = _rlhf(["submit", "configs/ppo-tiny.yaml", "logger.backend=none", "ppo.advantage=grpo",
+                    "rollout.backend=hf", "--stage", "ppo",
                     "--max-steps", "2", "--out", str(out), "--address", address,
                     "--env", "WANDB_API_KEY"], env, timeout_s=600)
     printed = result.stdout + result.stderr
