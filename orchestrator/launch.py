@@ -84,12 +84,22 @@ def model_paths(cfg: ExperimentConfig, policy: str, reference: str | None = None
     return ModelPaths(policy=policy, reference=reference or policy, critic=critic)
 
 
+def rollout_engine_class(backend: str) -> type:
+    """The engine class of `rollout.backend`. Both take the same arguments (the HF one
+    ignores the vLLM-only ones) and have the same methods."""
+    if backend == "hf":
+        from rlhf.actors.rollout_hf import HFRolloutEngine
+
+        return HFRolloutEngine
+    from rlhf.actors.rollout import RolloutEngine
+
+    return RolloutEngine
+
+
 def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float) -> Roles:
     from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
     from rlhf.actors.reference import ReferenceModel
     from rlhf.actors.reward import RewardScorer
-    from rlhf.actors.rollout import RolloutEngine
-    from rlhf.actors.rollout_hf import HFRolloutEngine
     from rlhf.orchestrator.rollout_group import RolloutGroup
 
     def remote(cls, role: str, index: int, **restart):
@@ -102,8 +112,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     engine_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
     reward_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=cfg.rollout.max_restarts)
 
-    # Both backends take the same arguments; the hf one ignores the vLLM-only ones.
-    engine_cls = HFRolloutEngine if cfg.rollout.backend == "hf" else RolloutEngine
+    engine_cls = rollout_engine_class(cfg.rollout.backend)
     engines = [remote(engine_cls, "rollout", i, **engine_restart).remote(
         model_path=paths.policy, dtype=cfg.model.dtype,
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,

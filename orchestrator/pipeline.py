@@ -24,7 +24,7 @@ import ray
 
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.launch import resolve_policy, run_ppo, start_ray
+from rlhf.orchestrator.launch import resolve_policy, rollout_engine_class, run_ppo, start_ray
 from rlhf.orchestrator.placement import plan_resources
 from rlhf.orchestrator.prompts import build_prompts, task_dialogues
 from rlhf.orchestrator.rundir import prepare_run_dir, write_atomic
@@ -67,7 +67,6 @@ def _ppo_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> Experi
 
 def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, labeler, tokenizer) -> int:
     """K replies per prompt from the newest policy, ranked, stored with provenance."""
-    from rlhf.actors.rollout import RolloutEngine
     from rlhf.orchestrator.comparisons import collect_comparisons
     from rlhf.orchestrator.rollout_group import RolloutGroup
 
@@ -76,7 +75,7 @@ def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, 
     prompts = build_prompts([dialogues[i] for i in chosen], tokenizer, cfg.data.max_prompt_tokens,
                             cfg.data.prompt_overflow)
     gpus = cfg.rollout.tensor_parallel_size if cfg.placement.gpus_per_node else 0
-    engine = ray.remote(RolloutEngine).options(num_cpus=1, num_gpus=gpus).remote(
+    engine = ray.remote(rollout_engine_class(cfg.rollout.backend)).options(num_cpus=1, num_gpus=gpus).remote(
         model_path=policy, dtype=cfg.model.dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
         seed=cfg.seed + round_, kv_cache_gib=cfg.rollout.kv_cache_gib,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,

@@ -37,6 +37,7 @@ class RolloutGroup:
         self.last_chunks_per_engine: list[int] = []  # chunks each engine served in the last generate
         self.restarts = 0  # engine restarts survived so far (metric ray/actor_restarts)
         self.last_reissued = 0
+        self.chunks_done = 0
         self._incarnation = [0] * len(self.engines)
         # Called with the engine index after a restart, before its chunks are re-issued; the
         # launcher sets it to the weight sync, since a restarted engine holds initial weights.
@@ -76,6 +77,7 @@ class RolloutGroup:
         in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (engine, chunk, incarnation)
         served = [0] * len(self.engines)  # chunks per engine, kept for metrics and tests
         self.last_reissued = 0  # chunks re-issued after an engine died (metric rollout/reissued_chunks)
+        self.chunks_done = 0  # progress of this call, readable from another thread
 
         def submit(engine: int) -> None:
             chunk = todo.popleft()
@@ -98,6 +100,7 @@ class RolloutGroup:
             engine, chunk, incarnation = in_flight.pop(ready[0])
             try:
                 results[chunk] = self._get(ready[0], engine, "generate", raise_actor_death=True)
+                self.chunks_done += 1
             except ray.exceptions.RayActorError as err:
                 if incarnation == self._incarnation[engine]:  # first news of this death
                     self._recover(engine, err)

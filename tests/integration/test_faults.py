@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 
 LOOPBACK = "127.0.0.1"
 TIMEOUT_S = 300
-# 64 prompts x 4 samples x 48 new tokens: generation takes seconds, so a kill lands inside it.
-OVERRIDES = ["ppo.prompts_per_step=64", "rollout.max_new_tokens=48", "ppo.train_batch_size=128",
+# 64 prompts = 4 chunks of 16 (2 in flight at a time): the kill lands after the first chunk
+# came back, while later ones are queued or running on the engine.
+OVERRIDES = ["ppo.prompts_per_step=64", "rollout.max_new_tokens=24", "ppo.train_batch_size=128",
              "ppo.micro_batch_size=32", "rollout.max_restarts=1", "logger.backend=none"]
 
 
@@ -74,9 +75,12 @@ def test_engine_and_reward_restarts_then_node_loss(cluster, tmp_path):
         # Step 2: SIGKILL the engine process while it generates.
         engine_pid, result = _pid(roles.rollout.engines[0]), {}
         worker = threading.Thread(target=lambda: result.update(m=trainer.step(2, next(session.batches))))
+        roles.rollout.chunks_done = 0  # (step 1's count; generate resets it too)
         worker.start()
-        time.sleep(1.0)  # generation of 256 x 48 tokens takes several seconds here
-        os.kill(engine_pid, signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT_S
+        while roles.rollout.chunks_done < 1 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(engine_pid, signal.SIGKILL)  # mid-generation: 1 of 4 chunks done
         worker.join(timeout=TIMEOUT_S)
         m2 = result["m"]
         assert m2["ray/actor_restarts"] == 1
