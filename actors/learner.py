@@ -229,7 +229,7 @@ class LearnerRank(WeightExport):
                 finite &= bool(torch.isfinite(loss))
                 # x world size: DeepSpeed averages gradients over ranks; we want their sum.
                 self.engine.backward(loss * self.world_size)
-                acc["loss"] += float(loss) * self.world_size
+                acc["loss"] += float(loss.detach()) * self.world_size
                 acc["tokens"] += float(mb.sequences.action_mask.sum())
                 for key, value in parts.items():
                     acc[key] += value
@@ -365,7 +365,7 @@ class PolicyLearner(LearnerRank):
             if self._ptx_coef:
                 ptx = self._ptx_nll() / n_micro
                 loss = loss + self._ptx_coef * ptx
-                parts["ptx_loss"] = float(ptx) * n_micro
+                parts["ptx_loss"] = float(ptx.detach()) * n_micro
             n_tok = float(mask.sum())
             parts.update(clipfrac=float(stats.clipfrac) * n_tok, approx_kl=float(stats.approx_kl) * n_tok,
                          entropy=float(masked_mean(entropy.detach(), mask)) * n_tok)
