@@ -88,6 +88,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if len(_full_shape(p)) < 2], "weight_decay": 0.0}]
 
 
+def equal_micro_slices(n: int, micro_batch_size: int, world_size: int, device, who: str) -> list[slice]:
+    """Micro-batch slices of n rows. With several ranks, checks (one all-reduce) that every
+    rank makes the same number of passes: a mismatch would otherwise hang in a collective."""
+    slices = [slice(s, min(s + micro_batch_size, n)) for s in range(0, n, micro_batch_size)]
+    if world_size > 1:
+        counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        if int(counts[0]) != -int(counts[1]):
+            raise ValueError(f"{who}: ranks got different numbers of micro-batches "
+                             f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
+    return slices
+
+
 def _seq_to(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
     return SequenceBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.action_mask.to(device))
 
@@ -195,15 +208,7 @@ class LearnerRank(WeightExport):
         passes (a mismatch would otherwise hang in a collective)."""
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        mbs = self.args.micro_batch_size
-        slices = [slice(s, min(s + mbs, n)) for s in range(0, n, mbs)]
-        if self.world_size > 1:
-            counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=self.device)
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-            if int(counts[0]) != -int(counts[1]):
-                raise ValueError(f"rank {self.rank}: ranks got different numbers of micro-batches "
-                                 f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
-        return slices
+        return equal_micro_slices(n, self.args.micro_batch_size, self.world_size, self.device, f"rank {self.rank}")
 
     def _step(self) -> tuple[float, float]:
         """Optimizer step; returns (lr used, global grad norm before clipping)."""

@@ -30,6 +30,7 @@ import socket
 import torch
 from torch import Tensor, nn
 
+from rlhf.actors.learner import equal_micro_slices
 from rlhf.actors.modeling import load_causal_lm, resolve_dtype, sequence_logprobs
 from rlhf.orchestrator.experience import SequenceBatch
 
@@ -167,12 +168,6 @@ class ReferenceModel:
     def _micro_slices(self, n: int) -> list[slice]:
         """Micro-batch slices; under ZeRO-3 checks every rank makes the same number of
         forwards (a mismatch would otherwise hang in a parameter gather)."""
-        mbs = self.micro_batch_size
-        slices = [slice(s, min(s + mbs, n)) for s in range(0, n, mbs)]
-        if self.engine is not None and self.world_size > 1:
-            counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=self.device)
-            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-            if int(counts[0]) != -int(counts[1]):
-                raise ValueError(f"reference rank {self.rank}: ranks got different numbers of micro-batches "
-                                 f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
-        return slices
+        # Replicas (no engine) run alone; only ZeRO-3 ranks meet in a collective.
+        world_size = self.world_size if self.engine is not None else 1
+        return equal_micro_slices(n, self.micro_batch_size, world_size, self.device, f"reference rank {self.rank}")
