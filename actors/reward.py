@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.orchestrator.experience import Samples
-from rlhf.orchestrator.rewards import RuleParams, bind_reward_functions
+from rlhf.orchestrator.tasks.rewards import RuleParams, bind_reward_functions
 
 
 @dataclass
@@ -26,7 +26,7 @@ class RewardScorer:
     def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
                  model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32",
                  forbidden_phrases: list[str] | None = None) -> None:
-        """`functions`: name -> weight (orchestrator/rewards.py); `forbidden_phrases` feeds the
+        """`functions`: name -> weight (orchestrator/tasks/rewards.py); `forbidden_phrases` feeds the
         `forbidden_phrase` rule (required when that rule is named)."""
         from transformers import AutoTokenizer
 

@@ -33,7 +33,7 @@ import ray
 import torch
 
 from rlhf.orchestrator.config import load_config
-from rlhf.orchestrator.launch import start_ppo
+from rlhf.orchestrator.ppo.launch import start_ppo
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASE_OF = {"generate": "generate", "score": "experience", "compute_logprobs": "experience",

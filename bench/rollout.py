@@ -1,6 +1,6 @@
 """Rollout backends side by side: vLLM vs Hugging Face `generate`, tokens/s, same work.
 
-Two models, both built locally like the quickstart does (orchestrator/tiny.py, the
+Two models, both built locally like the quickstart does (orchestrator/models/tiny.py, the
 arithmetic task's corpus for the tokenizer): the quickstart model (configs/quickstart.yaml
 model.tiny, ~0.4 M parameters) and a ~20 M-parameter one (hidden 512, 6 layers). Each
 backend generates for the same quickstart prompts, one sample each, with the same
@@ -38,9 +38,9 @@ def build_models(out: Path) -> tuple[list[tuple[str, str]], list[list[int]]]:
     from transformers import AutoTokenizer
 
     from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.launch import resolve_policy
-    from rlhf.orchestrator.prompts import build_prompts, task_dialogues
-    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_model
+    from rlhf.orchestrator.ppo.launch import resolve_policy
+    from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
+    from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_model
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)

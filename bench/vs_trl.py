@@ -55,8 +55,8 @@ def build_task(cfg, out: Path) -> tuple[str, list[list[dict]]]:
     """The tiny model folder (as `rlhf ppo` builds it) and the prompt conversations."""
     from transformers import AutoTokenizer
 
-    from rlhf.orchestrator.launch import resolve_policy
-    from rlhf.orchestrator.prompts import build_prompts, task_dialogues
+    from rlhf.orchestrator.ppo.launch import resolve_policy
+    from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
 
     dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
     model_dir = resolve_policy(cfg, out, dialogues)
@@ -70,7 +70,7 @@ def run_ours(cfg, model_dir: str, variant: str, out: Path) -> dict:
     "+overlap" (rollout.overlap). Start-up = wall time not spent in steps."""
     import ray
 
-    from rlhf.orchestrator.launch import run_ppo
+    from rlhf.orchestrator.ppo.launch import run_ppo
 
     backend, _, extra = variant.partition("+")
     rollout = {"backend": backend, **({"overlap": True} if extra == "overlap" else {})}
@@ -97,7 +97,7 @@ def run_trl(cfg, model_dir: str, messages: list[list[dict]], steps: int, out: Pa
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf.orchestrator.rewards import digit_fraction
+    from rlhf.orchestrator.tasks.rewards import digit_fraction
 
     ppo, rollout = cfg.ppo, cfg.rollout
     samples = ppo.prompts_per_step * rollout.n_samples

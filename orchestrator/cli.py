@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_config_show(args) -> int:
     from rlhf.orchestrator.config import load_config, to_yaml
 
-    from rlhf.orchestrator.secrets import redact
+    from rlhf.orchestrator.run.secrets import redact
 
     print(redact(to_yaml(load_config(args.config, args.overrides))), end="")
     return EXIT_OK
@@ -47,7 +47,7 @@ def _cmd_config_keys(args) -> int:
 
 def _cmd_ppo(args) -> int:
     from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.launch import run_ppo
+    from rlhf.orchestrator.ppo.launch import run_ppo
 
     cfg = load_config(args.config, args.overrides)
     run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address,
@@ -57,7 +57,7 @@ def _cmd_ppo(args) -> int:
 
 def _cmd_pipeline(args) -> int:
     from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.pipeline import run_pipeline
+    from rlhf.orchestrator.recipe.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     run_pipeline(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, resume=args.resume,
@@ -67,7 +67,7 @@ def _cmd_pipeline(args) -> int:
 
 def _cmd_sft(args) -> int:
     from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.pipeline import run_sft_stage
+    from rlhf.orchestrator.recipe.pipeline import run_sft_stage
 
     cfg = load_config(args.config, args.overrides)
     run_sft_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
@@ -91,7 +91,7 @@ def _add_run_command(sub, name: str, help: str, func, resume: bool = False) -> N
 
 
 def _cmd_chat(args) -> int:
-    from rlhf.orchestrator.chat import run_chat
+    from rlhf.orchestrator.models.chat import run_chat
 
     run_chat(args.checkpoint, once=args.once, system=args.system, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, seed=args.seed)
@@ -135,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
                      _cmd_pipeline, resume=True)
     _add_chat(sub)
-    from rlhf.orchestrator.jobs import register as register_jobs
+    from rlhf.orchestrator.cluster.jobs import register as register_jobs
 
     register_jobs(sub)  # submit, jobs list|status|logs|stop
-    from rlhf.orchestrator.plan import register as register_plan
+    from rlhf.orchestrator.cluster.plan import register as register_plan
 
     register_plan(sub)  # plan
     return parser

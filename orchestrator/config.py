@@ -13,13 +13,12 @@ import copy
 import difflib
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from rlhf.orchestrator.errors import ConfigError
-from rlhf.orchestrator.rewards import REWARD_FUNCTIONS
 
 
 class Section(BaseModel):
@@ -56,13 +55,54 @@ class ModelConfig(Section):
                        "(no compute on padding; pays off on GPUs with varlen attention, slower on CPU sdpa)")
 
 
+class DataSourceConfig(Section):
+    """One input file or local Hugging Face dataset. A plain string is shorthand for `{path: ...}`."""
+
+    path: str = _f(..., "JSONL file, a folder written by datasets' save_to_disk, or parquet/json/csv file(s); "
+                   "relative paths resolve against the config file's folder, then the working directory")
+    format: Literal["messages", "prompt_response", "preference"] = _f(
+        "messages", "messages: {messages: [{role, content}]}; prompt_response: {prompt, response} (one turn); "
+        "preference: {prompt or messages, chosen, rejected}")
+    weight: float = _f(1.0, "mixing ratio of this source among the sources of the same list", gt=0)
+    column: dict[str, str] = _f({}, "our field name -> the dataset's column, e.g. {prompt: instruction, "
+                                "response: output}")
+    split: Optional[str] = _f(None, "split of a saved DatasetDict (default: train, or the only one)")
+
+
+def _source_list(value):
+    """`demos.jsonl`, `[demos.jsonl, {path: x, weight: 2}]` or null -> a list of source mappings."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [{"path": item} if isinstance(item, str) else item for item in items]
+
+
+SourceList = Annotated[list[DataSourceConfig], BeforeValidator(_source_list)]
+
+
 class DataConfig(Section):
-    task: Optional[str] = _f("arithmetic", "built-in task that provides prompts and a simulated labeler; null = files")
+    task: Optional[str] = _f("arithmetic", "built-in task by name (tasks registry: arithmetic, instruct) or a "
+                             "user's `pkg.module:Factory` / `path/to/file.py:Factory`; null = everything from files")
     task_size: int = _f(4096, "demonstration dialogues the built-in task generates", gt=0)
-    train: Optional[str] = _f(None, "JSONL of dialogues: PPO prompts (instead of the task's) and extra SFT demonstrations")
-    eval: Optional[str] = _f(None, "JSONL of held-out dialogues")
+    sft: SourceList = _f([], "demonstrations: dialogues ending with the demonstrated assistant turn")
+    prompts: SourceList = _f([], "conversations ending with a user turn, for comparisons and PPO")
+    eval: SourceList = _f([], "held-out conversations ending with a user turn")
+    comparisons: SourceList = _f([], "preference pairs loaded into the comparison store as round 0")
     max_prompt_tokens: int = _f(256, "longest prompt in tokens", gt=0)
     prompt_overflow: Literal["truncate", "reject"] = _f("truncate", "what to do with longer prompts (counted either way)")
+
+
+class LabelerConfig(Section):
+    """Who ranks sampled replies (and, by default, judges evaluations)."""
+
+    kind: Literal["task", "python", "file", "reward_model", "human"] = _f(
+        "task", "task: the built-in task's simulated labeler; python: a function or object (target); "
+        "file: rankings JSONL (path); reward_model: a trained RM folder (path); human: people rank in the store")
+    target: Optional[str] = _f(None, "kind python: `pkg.module:name` or `path/to/file.py:name`, a function "
+                               "score(messages, reply) -> float or an object with rank(messages, replies)")
+    path: Optional[str] = _f(None, "kind file: rankings JSONL; kind reward_model: reward-model folder")
+    min_ranked: int = _f(1, "kind human: comparisons of the round that must be ranked before --resume goes on",
+                         gt=0)
 
 
 class RolloutConfig(Section):
@@ -90,7 +130,7 @@ class KLConfig(Section):
 
 
 class RewardConfig(Section):
-    functions: dict[str, float] = _f({}, "named reward functions and rules (orchestrator/rewards.py) with weights")
+    functions: dict[str, float] = _f({}, "named reward functions and rules (orchestrator/tasks/rewards.py) with weights")
     forbidden_phrases: list[str] = _f([], "phrases the `forbidden_phrase` rule penalises (Sparrow-style rule)")
     model_weight: float = _f(1.0, "weight of the reward model's score (when model.reward is set)", ge=0)
     clip: Optional[float] = _f(None, "clip the combined score to [-clip, clip]; null = off", gt=0)
@@ -164,15 +204,6 @@ class LoggerConfig(Section):
     wandb_mode: Literal["auto", "online", "offline"] = _f("auto", "auto = online with WANDB_API_KEY, else offline")
 
 
-class DataSourceConfig(Section):
-    """An extra file of demonstrations for SFT, mixed in by weight."""
-
-    path: str = _f("", "JSONL file: one dialogue ({\"messages\": [...]}) or one instruction pair per line")
-    format: Literal["dialogue", "instruction"] = _f(
-        "dialogue", "dialogue: {messages: [{role, content}]}; instruction: {instruction, response}")
-    weight: float = _f(1.0, "sampling weight relative to the task's dialogues (weight 1)", gt=0)
-
-
 class SFTConfig(Section):
     num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
@@ -182,7 +213,6 @@ class SFTConfig(Section):
     epochs: int = _f(1, "passes over the demonstration data", gt=0)
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
     max_tokens: int = _f(256, "dialogues are cut to this many tokens", gt=0)
-    sources: list[DataSourceConfig] = _f([], "extra demonstration files mixed into the task's dialogues")
 
 
 class RewardModelConfig(Section):
@@ -194,14 +224,22 @@ class RewardModelConfig(Section):
     replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=4, le=9)
     prompts_per_round: int = _f(64, "prompts whose K replies are ranked in each round", gt=0)
     held_out_fraction: float = _f(0.1, "share of compared prompts kept out of training for accuracy", ge=0, lt=1)
-    labeler: Literal["simulated", "file"] = _f("simulated", "who ranks replies: the task's scorer, or a file")
-    rankings_file: Optional[str] = _f(None, "JSONL of rankings made by people (labeler: file)")
 
 
 class PipelineConfig(Section):
     rounds: int = _f(2, "rounds of (collect comparisons -> train reward model -> PPO) after SFT", gt=0)
     eval_prompts: int = _f(64, "held-out prompts for the per-round evaluation", gt=0)
     eval_samples: int = _f(4, "sampled replies per held-out prompt (each prompt's score is their mean)", gt=0)
+    judge: Optional[LabelerConfig] = _f(None, "who scores held-out replies (same keys as labeler); null = the labeler")
+    eval_every: int = _f(5, "during PPO, score the policy's replies to a fixed held-out sample with the judge "
+                         "every N steps (eval/labeler_score); 0 = off", ge=0)
+    eval_subset: int = _f(16, "held-out prompts in that fixed sample (the first ones of the eval prompts)", gt=0)
+    select: Literal["best", "last"] = _f("best", "policy a PPO stage hands on: the best by that judge score "
+                                         "(the starting policy counts as step 0), or the last step's")
+    patience: int = _f(3, "stop PPO early once the judge score has fallen for this many evaluations in a "
+                       "row; 0 = never", ge=0)
+    kl_target: Optional[float] = _f(6.0, "adaptive KL target (nats per reply) the pipeline's PPO stages use when "
+                                    "ppo.kl.target is null; null = keep ppo.kl.coef fixed", gt=0)
 
 
 class ExperimentConfig(Section):
@@ -223,6 +261,7 @@ class ExperimentConfig(Section):
     logger: LoggerConfig = _f(LoggerConfig(), "metric logging")
     sft: SFTConfig = _f(SFTConfig(), "supervised fine-tuning stage")
     rm: RewardModelConfig = _f(RewardModelConfig(), "reward-model stage")
+    labeler: LabelerConfig = _f(LabelerConfig(), "who ranks sampled replies for the reward model")
     pipeline: PipelineConfig = _f(PipelineConfig(), "the SFT -> (comparisons -> RM -> PPO) x rounds recipe")
 
 
@@ -262,6 +301,8 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if rollout.backend == "hf" and cfg.sync.backend == "nccl":
         raise ConfigError("sync.backend", "rollout.backend=hf receives weights by object_store, gloo or cuda_ipc "
                           "(the nccl route uses vLLM's communicator)")
+    from rlhf.orchestrator.tasks.rewards import REWARD_FUNCTIONS  # lazy: config sits below tasks
+
     for name in cfg.reward.functions:
         if name not in REWARD_FUNCTIONS:
             near = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1, cutoff=0.5)
@@ -273,8 +314,15 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if sft.batch_size % (sft.micro_batch_size * sft.num_workers):
         raise ConfigError("sft.micro_batch_size", f"micro_batch_size x sft.num_workers = "
                           f"{sft.micro_batch_size * sft.num_workers} must divide sft.batch_size = {sft.batch_size}")
-    if cfg.rm.labeler == "file" and not cfg.rm.rankings_file:
-        raise ConfigError("rm.rankings_file", "rm.labeler=file needs a rankings file")
+    for key, lab in (("labeler", cfg.labeler), ("pipeline.judge", cfg.pipeline.judge)):
+        if lab is None:
+            continue
+        if lab.kind == "python" and not lab.target:
+            raise ConfigError(f"{key}.target", f"{key}.kind=python needs target: pkg.module:name or file.py:name")
+        if lab.kind in ("file", "reward_model") and not lab.path:
+            raise ConfigError(f"{key}.path", f"{key}.kind={lab.kind} needs a path")
+    if cfg.pipeline.judge is not None and cfg.pipeline.judge.kind == "human":
+        raise ConfigError("pipeline.judge.kind", "a judge scores replies on its own; human is not a judge")
     if cfg.rm.prompts_per_batch % cfg.rm.num_workers:
         raise ConfigError("rm.num_workers", f"must divide rm.prompts_per_batch = {cfg.rm.prompts_per_batch}")
 
@@ -359,12 +407,23 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
+# Keys that moved: naming one gives a one-line error that names its replacement.
+RENAMED = {
+    "data.train": "data.prompts (PPO and comparison prompts) and data.sft (demonstrations), each a list of sources",
+    "sft.sources": "data.sft (a list of sources: path, format, weight, column)",
+    "rm.labeler": "labeler.kind (task | python | file | reward_model | human)",
+    "rm.rankings_file": "labeler.path with labeler.kind: file",
+}
+
+
 def _one_line(err: ValidationError) -> ConfigError:
     """Turns the first pydantic error into a `ConfigError` naming the dotted key."""
     first = err.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc)
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden" and key in RENAMED:
+        return ConfigError(key, f"this key was replaced by {RENAMED[key]}")
     if first["type"] == "extra_forbidden":
         section = _section_at(loc)
         names = list(section.model_fields) if section else []
@@ -391,8 +450,53 @@ def build_config(data: dict, source: str | None = None) -> ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Reads a YAML experiment, applies overrides, validates. Raises `ConfigError`."""
-    return build_config(apply_overrides(read_yaml(path), list(overrides)), source=str(path))
+    """Reads a YAML experiment, applies overrides, validates, and makes every file path in it
+    absolute (see `resolve_paths`). Raises `ConfigError`."""
+    cfg = build_config(apply_overrides(read_yaml(path), list(overrides)), source=str(path))
+    return resolve_paths(cfg, Path(path).resolve().parent)
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """An absolute path for `value`: against `base` (the config's folder) if it exists there,
+    else against the working directory. Absolute paths and bare names are kept as given."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for root in (base, Path.cwd()):
+        if (root / path).exists():
+            return str((root / path).resolve())
+    return str(Path.cwd() / path)
+
+
+def _resolve_target(target: str | None, base: Path) -> str | None:
+    """`path/to/file.py:name` -> absolute file part; `pkg.module:name` unchanged."""
+    if not target or ":" not in target:
+        return target
+    module, _, name = target.rpartition(":")
+    if module.endswith(".py") or "/" in module:
+        return f"{resolve_path(module, base)}:{name}"
+    return target
+
+
+def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """The config with data sources, labeler/judge paths and file targets made absolute, so that
+    the run's config.yaml (and every actor, whatever its working directory) sees the same files."""
+    def labeler(lab: LabelerConfig | None) -> LabelerConfig | None:
+        if lab is None:
+            return None
+        return lab.model_copy(update={"path": resolve_path(lab.path, base) if lab.path else None,
+                                      "target": _resolve_target(lab.target, base)})
+
+    data = cfg.data.model_copy(update={
+        key: [s.model_copy(update={"path": resolve_path(s.path, base)}) for s in getattr(cfg.data, key)]
+        for key in ("sft", "prompts", "eval", "comparisons")} | {"task": _resolve_target(cfg.data.task, base)})
+    model = cfg.model
+    for key in ("policy", "reward"):
+        value = getattr(model, key)
+        if value and value != "tiny" and (value.startswith(".") or (base / value).exists()):
+            model = model.model_copy(update={key: resolve_path(value, base)})
+    return cfg.model_copy(update={"data": data, "model": model, "labeler": labeler(cfg.labeler),
+                                  "pipeline": cfg.pipeline.model_copy(update={"judge": labeler(cfg.pipeline.judge)})})
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

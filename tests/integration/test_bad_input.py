@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from rlhf.orchestrator.cli import main
-from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 PPO = ["ppo", "configs/ppo-tiny.yaml", "logger.backend=none"]
 CASES = [
@@ -87,7 +87,7 @@ def test_the_table_is_long_enough():
 
 
 def test_prompts_over_the_limit_are_truncated_and_counted():
-    from rlhf.orchestrator.prompts import build_prompts
+    from rlhf.orchestrator.data.prompts import build_prompts
 
     class Tok:  # one token per character: lengths are easy to count
         def apply_chat_template(self, prompt, **_):

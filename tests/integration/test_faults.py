@@ -23,10 +23,10 @@ import ray
 import ray._private.services
 from ray.cluster_utils import Cluster
 
-from rlhf.orchestrator.checkpoint import CheckpointManager
+from rlhf.orchestrator.run.checkpoint import CheckpointManager
 from rlhf.orchestrator.config import load_config
 from rlhf.orchestrator.errors import RemoteCallFailed, RemoteCallTimeout
-from rlhf.orchestrator.launch import save_checkpoint, start_ppo
+from rlhf.orchestrator.ppo.launch import save_checkpoint, start_ppo
 
 pytestmark = pytest.mark.slow
 

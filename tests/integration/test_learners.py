@@ -19,7 +19,7 @@ from rlhf.actors.reference import ReferenceModel
 from rlhf.actors.weights import BucketMeta, WeightGroup, bucket_from_bytes, unflatten_bucket
 from rlhf.orchestrator.experience import Experience, SequenceBatch
 from rlhf.orchestrator.rl import aggregate_loss, masked_mean, policy_loss
-from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.orchestrator.comparisons import ComparisonStore
+from rlhf.orchestrator.recipe.comparisons import ComparisonStore
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from ray.util import placement_group, placement_group_table, remove_placement_gr
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.placement import create_placement_groups, plan_resources
+from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import torch
 
 from rlhf.actors.reference import ReferenceModel
 from rlhf.orchestrator.experience import SequenceBatch
-from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -20,10 +20,10 @@ import random
 import pytest
 import torch
 
-from rlhf.orchestrator.comparisons import ComparisonStore, SimulatedLabeler, prompt_key
+from rlhf.orchestrator.recipe.comparisons import ComparisonStore, SimulatedLabeler, prompt_key
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.tasks import arithmetic
-from rlhf.orchestrator.tiny import IM_END, TinyModelSpec, build_tiny_from_corpus
+from rlhf.orchestrator.models.tiny import IM_END, TinyModelSpec, build_tiny_from_corpus
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_rm_learns_shifts_and_initialises_critic(ray_local, setup):
     from rlhf.actors.modeling import ValueModel
     from rlhf.actors.reward import RewardScorer
     from rlhf.orchestrator.experience import Samples
-    from rlhf.orchestrator.rm import run_rm
+    from rlhf.orchestrator.recipe.rm import run_rm
 
     root, model, comparisons, demos = setup
     assert len({c.prompt_id for c in comparisons}) == N_PROMPTS
@@ -123,7 +123,7 @@ def test_rm_learns_shifts_and_initialises_critic(ray_local, setup):
 def test_rm_zero3_without_demonstrations_or_held_out(ray_local, setup):
     """ZeRO-3 (parameters gathered for saving), --max-steps, no held-out share, and the shift
     falling back to the best (rank-0) replies when no demonstration is given."""
-    from rlhf.orchestrator.rm import run_rm
+    from rlhf.orchestrator.recipe.rm import run_rm
 
     root, model, comparisons, _ = setup
     cfg = build_config({"seed": 1, "rm": {"num_workers": 2, "zero_stage": 3, "prompts_per_batch": 4,

@@ -39,7 +39,7 @@ TIMEOUT_S = 300
 # then starts the next, so only one engine runs at a time (the tied one adds ~30 s).
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def model_dir(request, tmp_path_factory):
-    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
+    from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus, sample_corpus
 
     tied = request.param
     out = tmp_path_factory.mktemp("rollout") / ("tiny-tied" if tied else "tiny")
@@ -113,7 +113,7 @@ def max_diff(a: list[list[float]] | list[torch.Tensor], b: list[torch.Tensor]) -
 
 # ---- sampling -------------------------------------------------------------------------
 def test_generate_returns_n_aligned_samples_per_prompt(ray_local, engine, hf, prompts):
-    from rlhf.orchestrator.tiny import stop_token_ids
+    from rlhf.orchestrator.models.tiny import stop_token_ids
 
     _, tok = hf
     n, max_new = 3, 10
@@ -178,7 +178,7 @@ def _free_port() -> int:
 
 def test_gloo_broadcast_weight_sync_matches_the_learner(ray_local, engine, hf, prompts):
     """The collective route on CPU: this process is WeightGroup rank 0, the engine's worker rank 1."""
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     model, _ = hf
     group = RolloutGroup([engine], timeout_s=TIMEOUT_S)
@@ -223,7 +223,7 @@ class FakeEngine:
 
 
 def test_dispatch_unit_spreads_chunks_keeps_prompt_order_and_favours_the_fast_engine(ray_local):
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     fake = ray_local.remote(num_cpus=0)(FakeEngine)
     fast, slow = fake.remote(0.02), fake.remote(0.3)
@@ -239,7 +239,7 @@ def test_dispatch_unit_spreads_chunks_keeps_prompt_order_and_favours_the_fast_en
 
 
 def test_dispatch_unit_timeout_names_the_engine_and_phase(ray_local):
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     stuck = ray_local.remote(num_cpus=0)(FakeEngine).remote(30.0)
     group = RolloutGroup([stuck], timeout_s=1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf.orchestrator.experience import Experience, Samples, to_sequence_batch
-from rlhf.orchestrator.groups import Scattered
+from rlhf.orchestrator.ppo.groups import Scattered
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ TEMPERATURE = 0.7  # not 1, so the log_softmax(logits / T) convention is what is
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(A, B): one tokenizer, one shape, weights from seeds 0 and 1."""
-    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_model, sample_corpus, train_tokenizer
+    from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_model, sample_corpus, train_tokenizer
 
     spec = TinyModelSpec()
     tokenizer = train_tokenizer(sample_corpus(), spec.vocab_size)
@@ -72,8 +72,8 @@ def _sampler_layout(samples: Samples, like: torch.Tensor) -> torch.Tensor:
 def test_generate_follows_the_rollout_contract(ray_local, models, engines, prompts):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.orchestrator.rollout_group import RolloutGroup
-    from rlhf.orchestrator.tiny import stop_token_ids
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
+    from rlhf.orchestrator.models.tiny import stop_token_ids
 
     prompt_ids, tok = prompts
     n, max_new = 3, 24
@@ -108,9 +108,9 @@ def test_generate_follows_the_rollout_contract(ray_local, models, engines, promp
 
 def test_weight_sync_from_a_policy_learner_object_store_then_gloo(ray_local, models, engines, prompts):
     from rlhf.actors.learner import LearnerArgs, PolicyLearner
-    from rlhf.orchestrator.groups import LearnerGroup
-    from rlhf.orchestrator.rollout_group import RolloutGroup
-    from rlhf.orchestrator.weight_sync import make_weight_sync
+    from rlhf.orchestrator.ppo.groups import LearnerGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 
     prompt_ids, tok = prompts
     rollout = RolloutGroup(engines[:1], timeout_s=TIMEOUT_S)

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from rlhf.orchestrator.config import build_config
-from rlhf.orchestrator.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.experience import dialogue_batch
-from rlhf.orchestrator.sft import (METRIC_KEYS, global_batches, plan_steps, run_sft, target_tokens,
+from rlhf.orchestrator.recipe.sft import (METRIC_KEYS, global_batches, plan_steps, run_sft, target_tokens,
                                    worker_failure)
 from rlhf.orchestrator.tasks import arithmetic
-from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus
+from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

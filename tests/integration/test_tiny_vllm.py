@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from rlhf.orchestrator.tiny import IM_END, TinyModelSpec, build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import IM_END, TinyModelSpec, build_tiny_from_corpus, sample_corpus
 
 pytestmark = pytest.mark.slow
 

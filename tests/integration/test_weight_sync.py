@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
-from rlhf.orchestrator.groups import Scattered
+from rlhf.orchestrator.ppo.groups import Scattered
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ ATOL = 1e-4  # float32 everywhere; measured agreement is ~1e-6
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+    from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
     return str(build_tiny_from_corpus(sample_corpus(), tmp_path_factory.mktemp("sync") / "tiny", seed=0))
 
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 def rollout(ray_local, model_dir):
     pytest.importorskip("vllm")
     from rlhf.actors.rollout import RolloutEngine
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     engine = ray_local.remote(num_cpus=1)(RolloutEngine).remote(
         model_dir, dtype="float32", max_model_len=256, seed=0, kv_cache_gib=1, enforce_eager=True)
@@ -52,7 +52,7 @@ def prompts(model_dir):
 
 def _policy(ray, model_dir, zero_stage):
     from rlhf.actors.learner import LearnerArgs, PolicyLearner
-    from rlhf.orchestrator.groups import LearnerGroup
+    from rlhf.orchestrator.ppo.groups import LearnerGroup
 
     args = LearnerArgs(model_path=model_dir, zero_stage=zero_stage, lr=1e-2, micro_batch_size=2, seed=0)
     group = LearnerGroup("policy", [ray.remote(num_cpus=1)(PolicyLearner).remote(args) for _ in range(2)],
@@ -89,7 +89,7 @@ def _random_update(ray, policy, batch):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_sync_makes_engine_logprobs_equal_the_learners(ray_local, model_dir, rollout, prompts, zero_stage):
-    from rlhf.orchestrator.weight_sync import make_weight_sync
+    from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 
     prompt_ids, pad_id = prompts
     policy = _policy(ray_local, model_dir, zero_stage)

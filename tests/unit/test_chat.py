@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.orchestrator.chat import ChatSession, run_chat
+from rlhf.orchestrator.models.chat import ChatSession, run_chat
 from rlhf.orchestrator.cli import main
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.tiny import IM_START, build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import IM_START, build_tiny_from_corpus, sample_corpus
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 

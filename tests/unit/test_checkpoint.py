@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.orchestrator.checkpoint import STATE_FILE, CheckpointManager
+from rlhf.orchestrator.run.checkpoint import STATE_FILE, CheckpointManager
 
 
 def _write(tmp):

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from rlhf.orchestrator.comparisons import (
+from rlhf.orchestrator.recipe.comparisons import (
     ComparisonStore,
     FileLabeler,
     SimulatedLabeler,

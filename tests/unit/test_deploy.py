@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.orchestrator import jobs
+from rlhf.orchestrator.cluster import jobs
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 YAMLS = sorted(DEPLOY.rglob("*.yaml"))

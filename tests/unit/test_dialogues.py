@@ -6,10 +6,10 @@ import json
 import pytest
 
 from rlhf.orchestrator.config import build_config
-from rlhf.orchestrator.dialogues import encode_dialogues, load_sft_dialogues, read_instructions
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues, read_instructions
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.tasks import arithmetic
-from rlhf.orchestrator.tiny import IM_END, train_tokenizer
+from rlhf.orchestrator.models.tiny import IM_END, train_tokenizer
 
 
 def _write(path, lines):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.orchestrator import jobs
+from rlhf.orchestrator.cluster import jobs
 from rlhf.orchestrator.cli import main
-from rlhf.orchestrator.secrets import MASK
+from rlhf.orchestrator.run.secrets import MASK
 
 CONFIG = "configs/ppo-tiny.yaml"
 
@@ -59,6 +59,9 @@ def test_config_outside_the_working_dir_is_refused(capsys, tmp_path):
 
 
 def test_retries_need_a_stage_that_resumes(capsys, monkeypatch):
+    from rlhf.orchestrator.cli import build_parser
+
+    build_parser()  # registers the stage parsers that stage_supports_resume reads
     assert jobs.stage_supports_resume("pipeline")
     monkeypatch.setattr(jobs, "stage_supports_resume", lambda stage: False)
     line = _one_line_error(capsys, ["submit", CONFIG, "--stage", "sft", "--retries", "1", "--out", "/x"])

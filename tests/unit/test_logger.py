@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rlhf.orchestrator.config import LoggerConfig
-from rlhf.orchestrator.logger import RunLogger
+from rlhf.orchestrator.run.logger import RunLogger
 
 
 @pytest.mark.parametrize("backend", ["none", "tensorboard", "wandb"])

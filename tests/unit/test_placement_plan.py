@@ -5,7 +5,7 @@ import pytest
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.placement import Slot, plan_resources, preflight
+from rlhf.orchestrator.ppo.placement import Slot, plan_resources, preflight
 
 
 def plan(**sections):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf.orchestrator import plan_memory as pm
+from rlhf.orchestrator.cluster import plan_memory as pm
 from rlhf.orchestrator.cli import main
-from rlhf.orchestrator.cluster_spec import load_cluster
+from rlhf.orchestrator.cluster.cluster_spec import load_cluster
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.errors import BadInput, ConfigError
-from rlhf.orchestrator.model_catalog import CATALOG, ModelShape, resolve_shape
-from rlhf.orchestrator.placement import Slot, plan_resources
+from rlhf.orchestrator.cluster.model_catalog import CATALOG, ModelShape, resolve_shape
+from rlhf.orchestrator.ppo.placement import Slot, plan_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 AZURE = ROOT / "deploy" / "azure" / "cluster.yaml"

@@ -9,8 +9,8 @@ from torch.testing import assert_close
 
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.experience import Samples, to_sequence_batch
-from rlhf.orchestrator.ppo import make_advantages
-from rlhf.orchestrator.prompts import prompt_batches, read_dialogues
+from rlhf.orchestrator.ppo.trainer import make_advantages
+from rlhf.orchestrator.data.prompts import prompt_batches, read_dialogues
 
 
 def test_gae_with_kl_shaped_rewards_by_hand():

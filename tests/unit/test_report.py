@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from rlhf.orchestrator.memwatch import MemoryWatcher, tree_rss_bytes
-from rlhf.orchestrator.report import EVAL_KEYS, evaluate_policies, win_rate, write_round_report
-from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.run.memwatch import MemoryWatcher, tree_rss_bytes
+from rlhf.orchestrator.recipe.report import EVAL_KEYS, evaluate_policies, win_rate, write_round_report
+from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 EVAL = {"rm_pairwise_accuracy": 0.75, "labeler_score/sft": -0.5, "labeler_score/final": 0.25,
         "win_rate_vs_sft": 0.625, "eval/prompts": 8.0}

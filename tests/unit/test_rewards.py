@@ -7,7 +7,7 @@ from rlhf.actors.reward import RewardScorer
 from rlhf.orchestrator.config import RewardConfig, build_config
 from rlhf.orchestrator.errors import ConfigError
 from rlhf.orchestrator.experience import Samples
-from rlhf.orchestrator.rewards import (
+from rlhf.orchestrator.tasks.rewards import (
     REWARD_FUNCTIONS,
     RuleParams,
     bind_reward_functions,
@@ -16,7 +16,7 @@ from rlhf.orchestrator.rewards import (
     forbidden_phrase,
     no_repetition,
 )
-from rlhf.orchestrator.tiny import build_tiny_from_corpus, sample_corpus
+from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 ADD = [{"role": "user", "content": "What is 2 + 3?"}]
 MUL = [{"role": "user", "content": "What is 3 * 4?"}]

@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from rlhf.orchestrator import secrets
-from rlhf.orchestrator.secrets import MASK, Redactor, is_secret_name, redact, redact_env
+from rlhf.orchestrator.run import secrets
+from rlhf.orchestrator.run.secrets import MASK, Redactor, is_secret_name, redact, redact_env
 
 PLANTED = "planted-wandb-key-7f3a9c1e"
 
@@ -80,7 +80,7 @@ def test_config_show_and_run_folder_never_hold_a_planted_secret(planted, tmp_pat
     """A secret that reached a config value (here the run name) is masked on screen and on disk."""
     from rlhf.orchestrator.cli import main
     from rlhf.orchestrator.config import load_config
-    from rlhf.orchestrator.rundir import MetricsLog, prepare_run_dir
+    from rlhf.orchestrator.run.rundir import MetricsLog, prepare_run_dir
 
     assert main(["config", "show", "configs/ppo-tiny.yaml", f"name=leak-{planted}"]) == 0
     shown = capsys.readouterr().out

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.orchestrator.tiny import (
+from rlhf.orchestrator.models.tiny import (
     CHAT_TEMPLATE,
     ENDOFTEXT,
     IM_END,

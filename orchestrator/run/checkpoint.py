@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from rlhf.orchestrator.rundir import write_atomic
+from rlhf.orchestrator.run.rundir import write_atomic
 
 _NAME = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "trainer_state.json"

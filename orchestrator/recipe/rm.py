@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rlhf.orchestrator.comparisons import Comparison
+from rlhf.orchestrator.recipe.comparisons import Comparison
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.rl.losses import pairwise_rm_loss

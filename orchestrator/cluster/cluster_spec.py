@@ -251,4 +251,4 @@ def _local(gpus: int, gib: float, label: str) -> Cluster:
     node = Node("local", "this machine", gpus, gib, float(os.cpu_count() or 1),
                 psutil.virtual_memory().total / GIB, label)
     return Cluster("this machine", (node,), ("logical CPUs: an embedded local Ray gets as many as the plan "
-                                              "needs (orchestrator/launch.py start_ray)",), cpus_follow_plan=True)
+                                              "needs (orchestrator/ppo/launch.py start_ray)",), cpus_follow_plan=True)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning (InstructGPT step 1) on Ray Train workers running DeepSpeed ZeRO.
 
-The driver loads and tokenizes the demonstrations once (rlhf.orchestrator.dialogues) and
+The driver loads and tokenizes the demonstrations once (rlhf.orchestrator.data.dialogues) and
 hands every worker the same rows; a `TorchTrainer` starts `sft.num_workers` workers that
 each build a DeepSpeed engine and train on their shard of every global batch:
 
@@ -35,10 +35,10 @@ import torch
 
 from rlhf.actors.learner import LearnerArgs, PolicyLearner, param_groups
 from rlhf.orchestrator.config import ExperimentConfig
-from rlhf.orchestrator.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.errors import BadInput, RemoteCallFailed
 from rlhf.orchestrator.experience import dialogue_batch
-from rlhf.orchestrator.prompts import prompt_batches
+from rlhf.orchestrator.data.prompts import prompt_batches
 from rlhf.orchestrator.rl import aggregate_loss
 
 METRIC_KEYS = ("step", "sft/loss", "sft/lr", "sft/grad_norm", "sft/tokens")
@@ -144,7 +144,7 @@ class SFTLearner(PolicyLearner):
 
 def train_loop(config: dict) -> None:
     """The Ray Train worker function (every worker runs it)."""
-    from rlhf.orchestrator.rundir import MetricsLog
+    from rlhf.orchestrator.run.rundir import MetricsLog
 
     a = SFTLoopArgs(**config)
     learner = SFTLearner(LearnerArgs(model_path=a.model_path, dtype=a.dtype, zero_stage=a.zero_stage, lr=a.lr,

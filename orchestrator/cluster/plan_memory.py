@@ -1,6 +1,6 @@
 """GPU memory per actor, estimated from model shapes and the config (pure arithmetic).
 
-Used by `rlhf plan` (orchestrator/plan.py). Every figure is bytes per GPU of one actor
+Used by `rlhf plan` (orchestrator/cluster/plan.py). Every figure is bytes per GPU of one actor
 (or bytes of CPU RAM for a CPU-only run). The rules, with P parameters:
 
 DeepSpeed learners (policy, critic), ZeRO stage s over N data-parallel ranks (ZeRO paper,
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf.orchestrator.model_catalog import ModelShape
+from rlhf.orchestrator.cluster.model_catalog import ModelShape
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

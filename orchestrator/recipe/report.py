@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from rlhf.orchestrator.rundir import write_atomic
+from rlhf.orchestrator.run.rundir import write_atomic
 
 # Keys a round's eval summary must hold (values may be None when a stage was skipped).
 EVAL_KEYS = ("rm_pairwise_accuracy", "labeler_score/sft", "labeler_score/final", "win_rate_vs_sft")
@@ -152,7 +152,7 @@ def generate_replies(model_dir: str | Path, prompts: list[list[dict]], n_samples
     """Replies (n_samples per prompt, consecutive) of the model in `model_dir`, batched, left-padded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.orchestrator.chat import generation_stop_ids
+    from rlhf.orchestrator.models.chat import generation_stop_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # generation appends on the right: pad on the left

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rlhf.orchestrator.config import DataSourceConfig, ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.prompts import read_dialogues, task_dialogues
+from rlhf.orchestrator.data.prompts import read_dialogues, task_dialogues
 
 Dialogue = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")

@@ -15,7 +15,7 @@ import yaml
 
 from rlhf.orchestrator.config import ExperimentConfig, to_yaml
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.secrets import Redactor, redact
+from rlhf.orchestrator.run.secrets import Redactor, redact
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -39,7 +39,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from rlhf.orchestrator.errors import EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCallFailed
-from rlhf.orchestrator.secrets import Redactor, is_secret_name, redact_env
+from rlhf.orchestrator.run.secrets import Redactor, is_secret_name, redact_env
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 STAGES = ("pipeline", "ppo", "sft")
@@ -133,16 +133,13 @@ def config_in_working_dir(config: str, working_dir: Path) -> str:
                        f"put it under that folder or pass --working-dir") from None
 
 
+# The `rlhf` subcommand parsers, handed over by `register` (so this module never imports the CLI).
+_STAGE_PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
 def stage_supports_resume(stage: str) -> bool:
     """Whether `rlhf STAGE` accepts --resume (asked of the real parser, not a list kept here)."""
-    from rlhf.orchestrator.cli import build_parser
-
-    return any("--resume" in action.option_strings for action in _stage_parser(build_parser(), stage)._actions)
-
-
-def _stage_parser(parser: argparse.ArgumentParser, stage: str) -> argparse.ArgumentParser:
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices[stage]
+    return any("--resume" in action.option_strings for action in _STAGE_PARSERS[stage]._actions)
 
 
 def build_entrypoint(stage: str, config: str, overrides: list[str], out: str | None,
@@ -396,7 +393,9 @@ def _add_address(cmd) -> None:
 
 
 def register(sub) -> None:
-    """Adds `submit` and `jobs` to the `rlhf` subcommands (called from cli.build_parser)."""
+    """Adds `submit` and `jobs` to the `rlhf` subcommands (called from cli.build_parser, after the
+    stage commands, whose parsers `stage_supports_resume` reads from `sub.choices`)."""
+    _STAGE_PARSERS.update(sub.choices)
     submit = sub.add_parser("submit", help="run a config on a Ray cluster as a Ray job")
     submit.add_argument("config", help="experiment YAML inside the working directory, e.g. configs/ppo-tiny.yaml")
     submit.add_argument("overrides", nargs="*", help="dotted.key=value overrides")

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from rlhf.orchestrator.config import LoggerConfig
-from rlhf.orchestrator.rundir import MetricsLog
-from rlhf.orchestrator.secrets import redact
+from rlhf.orchestrator.run.rundir import MetricsLog
+from rlhf.orchestrator.run.secrets import redact
 
 
 class RunLogger:

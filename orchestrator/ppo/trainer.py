@@ -6,7 +6,7 @@
 
 The driver holds no model; it moves ObjectRefs between actor groups and does the cheap
 per-token arithmetic (pure functions in orchestrator/rl/). Launching the actors is in
-orchestrator/launch.py.
+orchestrator/ppo/launch.py.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
 from rlhf.orchestrator.errors import TrainingAborted
-from rlhf.orchestrator.groups import Scattered, wait_all
+from rlhf.orchestrator.ppo.groups import Scattered, wait_all
 from rlhf.orchestrator.rl import (AdaptiveKLController, AdvantageInputs, AdvantageParams, FixedKLController,
                                   behavior_importance_weights, compute_advantages, masked_mean, masked_sum,
                                   masked_whiten, shape_rewards)

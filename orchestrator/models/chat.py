@@ -6,7 +6,7 @@
 CHECKPOINT is a Hugging Face folder (config, weights, tokenizer with a chat template), as
 every stage saves. The whole conversation is rendered with the tokenizer's chat template on
 each turn, and generation stops at any of the generation config's eos ids (for the tiny
-models: <|im_end|> and <|endoftext|>, see orchestrator/tiny.py). Runs with transformers on
+models: <|im_end|> and <|endoftext|>, see orchestrator/models/tiny.py). Runs with transformers on
 CPU (or the first GPU if there is one); on a cluster, run it on any node that sees the folder.
 
 Interactive commands: an empty line, /exit or end of input (Ctrl-D) quit; /reset starts a

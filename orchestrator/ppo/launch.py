@@ -17,15 +17,15 @@ from pathlib import Path
 import ray
 
 from rlhf.actors.timing import with_compute_clock
-from rlhf.orchestrator.checkpoint import CheckpointManager
+from rlhf.orchestrator.run.checkpoint import CheckpointManager
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.groups import LearnerGroup, wait_all
-from rlhf.orchestrator.logger import RunLogger
-from rlhf.orchestrator.placement import create_placement_groups, plan_resources
-from rlhf.orchestrator.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
-from rlhf.orchestrator.rundir import prepare_run_dir, write_atomic
-from rlhf.orchestrator.weight_sync import make_weight_sync
+from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
+from rlhf.orchestrator.run.logger import RunLogger
+from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources
+from rlhf.orchestrator.data.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
+from rlhf.orchestrator.run.rundir import prepare_run_dir, write_atomic
+from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 
 
 @dataclass
@@ -47,7 +47,7 @@ def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]
         if path.is_absolute() or cfg.model.policy.startswith(".") or (path.parent != Path(".") and path.parent.is_dir()):
             raise BadInput(f"model.policy: no such model folder: {path}")
         return cfg.model.policy  # a hub name such as Qwen/Qwen2.5-0.5B-Instruct
-    from rlhf.orchestrator.tiny import TinyModelSpec, build_tiny_from_corpus, is_complete_model_dir
+    from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus, is_complete_model_dir
 
     model_dir = out / "init_model"
     if not is_complete_model_dir(model_dir):
@@ -100,7 +100,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
     from rlhf.actors.reference import ReferenceModel
     from rlhf.actors.reward import RewardScorer
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     def remote(cls, role: str, index: int, **restart):
         return ray.remote(with_compute_clock(cls)).options(scheduling_strategy=pgs.strategy(role, index),
@@ -189,7 +189,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
     `BadInput` and leaves no new output folder behind."""
     from transformers import AutoTokenizer
 
-    from rlhf.orchestrator.ppo import PPOTrainer
+    from rlhf.orchestrator.ppo.trainer import PPOTrainer
 
     if not cfg.reward.functions and cfg.model.reward is None:
         raise BadInput("reward.functions: no reward source; set model.reward or at least one reward function")
@@ -215,7 +215,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
             shutil.rmtree(out, ignore_errors=True)
         raise
     if cfg.ppo.ptx_coef > 0 and ptx_rows is None:
-        from rlhf.orchestrator.dialogues import encode_dialogues
+        from rlhf.orchestrator.data.dialogues import encode_dialogues
 
         ptx_rows = encode_dialogues(tokenizer, dialogues, cfg.sft.max_tokens).rows
     try:

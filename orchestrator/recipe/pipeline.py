@@ -24,10 +24,10 @@ import ray
 
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.launch import resolve_policy, rollout_engine_class, run_ppo, start_ray
-from rlhf.orchestrator.placement import plan_resources
-from rlhf.orchestrator.prompts import build_prompts, task_dialogues
-from rlhf.orchestrator.rundir import prepare_run_dir, write_atomic
+from rlhf.orchestrator.ppo.launch import resolve_policy, rollout_engine_class, run_ppo, start_ray
+from rlhf.orchestrator.ppo.placement import plan_resources
+from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
+from rlhf.orchestrator.run.rundir import prepare_run_dir, write_atomic
 from rlhf.orchestrator.tasks import arithmetic
 
 STATE_FILE = "pipeline_state.json"
@@ -67,8 +67,8 @@ def _ppo_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> Experi
 
 def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, labeler, tokenizer) -> int:
     """K replies per prompt from the newest policy, ranked, stored with provenance."""
-    from rlhf.orchestrator.comparisons import collect_comparisons
-    from rlhf.orchestrator.rollout_group import RolloutGroup
+    from rlhf.orchestrator.recipe.comparisons import collect_comparisons
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
 
     rng = random.Random(cfg.seed * 1000 + round_)
     chosen = rng.sample(range(len(dialogues)), min(cfg.rm.prompts_per_round, len(dialogues)))
@@ -93,7 +93,7 @@ def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, 
 def run_sft_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None,
                   max_steps: int | None = None):
     """`rlhf sft`: the SFT stage alone (the model from model.policy, demonstrations from data/sft)."""
-    from rlhf.orchestrator.sft import run_sft
+    from rlhf.orchestrator.recipe.sft import run_sft
 
     out = prepare_run_dir(out_dir, cfg)
     dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed) if cfg.data.task else []
@@ -108,11 +108,11 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                  resume: bool = False, max_steps: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    from rlhf.orchestrator.comparisons import ComparisonStore, FileLabeler, SimulatedLabeler
-    from rlhf.orchestrator.memwatch import MemoryWatcher
-    from rlhf.orchestrator.report import evaluate_policies, write_round_report
-    from rlhf.orchestrator.rm import run_rm
-    from rlhf.orchestrator.sft import run_sft
+    from rlhf.orchestrator.recipe.comparisons import ComparisonStore, FileLabeler, SimulatedLabeler
+    from rlhf.orchestrator.run.memwatch import MemoryWatcher
+    from rlhf.orchestrator.recipe.report import evaluate_policies, write_round_report
+    from rlhf.orchestrator.recipe.rm import run_rm
+    from rlhf.orchestrator.recipe.sft import run_sft
 
     score_fn = _score_fn(cfg)
     plan_resources(cfg)  # a layout that cannot work fails before anything is written

@@ -114,7 +114,7 @@ def shape_from_hf_config(config: dict, source: str = "") -> ModelShape:
 
 
 def shape_from_tiny(tiny) -> ModelShape:
-    """The shape `rlhf.orchestrator.tiny` builds from a `model.tiny` config section."""
+    """The shape `rlhf.orchestrator.models.tiny` builds from a `model.tiny` config section."""
     return ModelShape(hidden=tiny.hidden_size, layers=tiny.num_layers, heads=tiny.num_heads,
                       kv_heads=tiny.num_kv_heads, intermediate=tiny.intermediate_size, vocab=tiny.vocab_size,
                       head_dim=tiny.head_dim, tie_embeddings=tiny.tie_word_embeddings,
@@ -138,5 +138,5 @@ def resolve_shape(name: str, key: str, tiny=None) -> ModelShape:
     if folder.is_dir():
         raise BadInput(f"{key}: model folder {folder} has no config.json")
     raise BadInput(f"{key}: unknown model '{name}': not a local Hugging Face folder and not in the "
-                   f"planner's catalogue (orchestrator/model_catalog.py: {', '.join(CATALOG)}, and -Instruct names); "
+                   f"planner's catalogue (orchestrator/cluster/model_catalog.py: {', '.join(CATALOG)}, and -Instruct names); "
                    f"give a local folder with a config.json")

@@ -6,7 +6,7 @@ template, a Qwen2- or Llama-shaped config and seeded random weights.
 
 Run on one CPU machine (a cluster needs nothing different; build once, share the folder):
 
-    from rlhf.orchestrator.tiny import build_tiny_from_corpus
+    from rlhf.orchestrator.models.tiny import build_tiny_from_corpus
     path = build_tiny_from_corpus(["some text", ...], "/tmp/tiny-model")
 
 End-of-sequence choice (documented once, here): the tokenizer's ``eos_token`` and

@@ -3,11 +3,11 @@
     rlhf plan CONFIG [dotted.key=value ...] [--cluster FILE] [--node-type NAME]
 
 Nothing starts and nothing is downloaded: the placement plan is the one `rlhf ppo` uses at
-launch (orchestrator/placement.py), laid out on the nodes of a cluster description
-(orchestrator/cluster_spec.py: Ray's cluster YAML, a simple node list, or this machine)
+launch (orchestrator/ppo/placement.py), laid out on the nodes of a cluster description
+(orchestrator/cluster/cluster_spec.py: Ray's cluster YAML, a simple node list, or this machine)
 the way Ray would place STRICT_PACK groups (first fit, largest group first). Memory per
-actor comes from the model shapes (orchestrator/model_catalog.py: local folder, tiny spec
-or built-in catalogue) by the rules in orchestrator/plan_memory.py. Colocated roles are
+actor comes from the model shapes (orchestrator/cluster/model_catalog.py: local folder, tiny spec
+or built-in catalogue) by the rules in orchestrator/cluster/plan_memory.py. Colocated roles are
 counted as resident on their GPU at the same time (no sleep/wake swapping is assumed).
 
 Prints the cluster, the placement groups, each node's GPUs with the actors and GiB on
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from rlhf.orchestrator.cluster_spec import GIB, Cluster, Node, load_cluster
+from rlhf.orchestrator.cluster.cluster_spec import GIB, Cluster, Node, load_cluster
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.model_catalog import ModelShape, resolve_shape
-from rlhf.orchestrator.placement import ResourcePlan, plan_resources
-from rlhf.orchestrator import plan_memory as pm
+from rlhf.orchestrator.cluster.model_catalog import ModelShape, resolve_shape
+from rlhf.orchestrator.ppo.placement import ResourcePlan, plan_resources
+from rlhf.orchestrator.cluster import plan_memory as pm
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def _memory_lines(plan: ClusterPlan) -> list[str]:
     where = "GiB per GPU" if plan.cfg.placement.gpus_per_node else "GiB of RAM (CPU run)"
     cols = ["weights", "gradients", "optimizer", "buffers", "activations", "kv cache", "runtime"]
     column_of = {"cuda graphs": "buffers", "kv cache (min)": "kv cache"}
-    lines = [f"memory per actor ({where}; rules in orchestrator/plan_memory.py):",
+    lines = [f"memory per actor ({where}; rules in orchestrator/cluster/plan_memory.py):",
              f"  {'role':<10}{'actors':>8}" + "".join(f"{c[:9]:>10}" for c in cols)
              + f"{'needs':>8}{'holds':>8}{'CPU RAM':>9}"]
     for spec in plan.resources.roles:

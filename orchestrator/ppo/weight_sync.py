@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from rlhf.orchestrator.groups import LearnerGroup, wait_all
+from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
 
 
 @dataclass
@@ -94,6 +94,26 @@ class CollectiveSync(WeightSync):
         return SyncStats(time.perf_counter() - start, sum(m["total_bytes"] for m in metas), len(metas))
 
 
+# cuda_ipc weight sync: learner and engine share one GPU (the colocated "hybrid engine").
+#
+# Every policy rank gathers its full weights on its GPU and hands out CUDA IPC handles to
+# them (`torch.multiprocessing.reductions.reduce_tensor`), keyed by the GPU's UUID; each
+# engine worker maps the memory of the rank on its own GPU and loads from it, so no weight
+# bytes cross host memory or a socket. The whole model goes in one update session: vLLM's
+# layer-wise reload must see all parts of a fused layer (qkv, gate/up) before it repacks.
+# The learners keep the buffers alive until every engine has loaded them.
+# GPU-only: importing this module needs no GPU; running it does.
+class CudaIpcSync(WeightSync):
+    def sync(self) -> SyncStats:
+        start = time.perf_counter()
+        per_rank = wait_all(self.policy.call_all("ipc_weight_handles"), self.timeout_s,
+                            "policy ipc_weight_handles (cuda_ipc sync)")
+        handles = {uuid: data for rank_handles in per_rank for uuid, data in rank_handles.items()}
+        self.rollout.load_ipc_handles(handles)
+        wait_all(self.policy.call_all("release_ipc_buffers"), self.timeout_s, "policy release_ipc_buffers")
+        return SyncStats(time.perf_counter() - start, self._bytes(), 1)
+
+
 def _free_port() -> int:
     # Probed on the driver. On a cluster rank 0 runs on another machine, where the port may
     # be taken; its TCPStore then fails loudly and the sync error names the phase.
@@ -109,7 +129,5 @@ def make_weight_sync(backend: str, policy: LearnerGroup, rollout, bucket_mb: flo
     if backend in ("gloo", "nccl"):
         return CollectiveSync(policy, rollout, bucket_bytes, timeout_s, backend)
     if backend == "cuda_ipc":
-        from rlhf.orchestrator.weight_sync_ipc import CudaIpcSync
-
         return CudaIpcSync(policy, rollout, bucket_bytes, timeout_s)
     raise ValueError(f"unknown weight sync backend {backend!r}")
