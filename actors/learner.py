@@ -25,14 +25,15 @@ Runs unchanged on one CPU machine (backend "gloo", local Ray) and on GPU cluster
 from __future__ import annotations
 
 import os
-import socket
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from rlhf.actors.modeling import ValueModel, load_causal_lm, resolve_dtype, sequence_logprobs
+from rlhf.actors import deepspeed_rank
+from rlhf.actors.deepspeed_rank import AdamW, ds_config
+from rlhf.actors.modeling import ValueModel, load_causal_lm, sequence_logprobs
 from rlhf.actors.learner_weights import WeightExport, _full_shape
 from rlhf.actors.weights import WeightGroup
 from rlhf.orchestrator.experience import Experience, SequenceBatch, dialogue_batch
@@ -61,23 +62,6 @@ class LearnerArgs:
     num_threads: int = 1  # torch intra-op threads per rank (many ranks share few CPU cores)
     logprob_chunk_size: int = 1024  # rows per block in the token log-prob kernel
     packing: bool = False  # pack each micro-batch's sequences into one row (rlhf.actors.modeling)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -129,32 +113,24 @@ class LearnerRank(WeightExport):
     # ---- set-up -----------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
         """(node IP, free port) for the learners' rendezvous; ask rank 0 only."""
-        host = _node_ip()
-        return host, _free_port(host)
+        return deepspeed_rank.master_address()
 
     def init_process_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Joins the learners' process group and builds the DeepSpeed engine (all ranks)."""
+        deepspeed_rank.join_process_group(host, port, rank, world_size, self.args.backend)
+        self.rank, self.world_size = rank, world_size
+        self._build_engine()
+
+    def _build_engine(self) -> None:
+        """Loads the module, partitions it while loading under ZeRO-3 (a 70B model fits no
+        single GPU) and builds the engine; needs the process group (every rank calls)."""
         import deepspeed
 
-        # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), so LOCAL_RANK=0.
-        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
-        self.rank, self.world_size = rank, world_size
-        deepspeed.init_distributed(dist_backend=self.args.backend, auto_mpi_discovery=False,
-                                   verbose=False)
         module = self._build_module()
         if self.args.gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         config = self._ds_config()
-        if self.args.zero_stage == 3:
-            # Partition parameter by parameter BEFORE initialize, which would otherwise move the
-            # whole module onto the device first (a 70B model fits no single GPU). The CPU holds
-            # one full copy per rank while loading.
-            from deepspeed.accelerator import get_accelerator
-
-            deepspeed.zero.Init(module=module, config_dict_or_path=config)
-            for buf in module.buffers():  # zero.Init moves parameters only (e.g. rotary inv_freq)
-                buf.data = buf.data.to(get_accelerator().current_device_name())
+        deepspeed_rank.partition_while_loading(module, config)
         self.engine, *_ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, self.args.weight_decay),
             config=config, lr_scheduler=self._scheduler)
@@ -163,28 +139,11 @@ class LearnerRank(WeightExport):
 
     def _ds_config(self) -> dict:
         a = self.args
-        zero: dict = {"stage": a.zero_stage}
-        if a.offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-            if a.zero_stage == 3:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        return {
-            "train_micro_batch_size_per_gpu": a.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            # We own the accumulation boundary: backward() per micro-batch only accumulates,
-            # step() reduces (stage 0/1) or finalises (stage 2/3) and updates.
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": a.grad_clip or 0.0,
-            "zero_optimization": zero,
-            "bf16": {"enabled": resolve_dtype(a.dtype) == torch.bfloat16},
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": a.lr, "betas": list(a.adam_betas), "eps": a.adam_eps,
-                "weight_decay": a.weight_decay, "torch_adam": True}},
-            # Keep torch's AdamW under ZeRO-Offload too (DeepSpeedCPUAdam needs a C++ build).
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        # We own the accumulation boundary: backward() per micro-batch only accumulates,
+        # step() reduces (stage 0/1) or finalises (stage 2/3) and updates.
+        return ds_config(zero_stage=a.zero_stage, micro_batch_size=a.micro_batch_size, dtype=a.dtype,
+                         adamw=AdamW(lr=a.lr, betas=a.adam_betas, eps=a.adam_eps, weight_decay=a.weight_decay),
+                         grad_clip=a.grad_clip, offload=a.offload, own_accumulation=True)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """Linear warmup over warmup_steps optimizer steps, then constant."""
@@ -334,12 +293,7 @@ class PolicyLearner(LearnerRank):
 
     def _after_initialize(self) -> None:
         if self.args.zero_stage == 3:
-            import deepspeed
-
-            head = self.model.get_output_embeddings()
-            for p in (head.weight, head.bias):
-                if p is not None:
-                    deepspeed.zero.register_external_parameter(self.engine.module, p)
+            deepspeed_rank.register_output_head(self.engine.module, self.model)
 
     def _named_weights(self) -> list[tuple[str, nn.Parameter]]:
         # named_parameters() already lists a tied LM head once (as the input embedding);

@@ -24,14 +24,12 @@ on GPU nodes (nccl).
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 from torch import Tensor, nn
 
+from rlhf.actors import deepspeed_rank
 from rlhf.actors.learner import equal_micro_slices
-from rlhf.actors.modeling import load_causal_lm, resolve_dtype, sequence_logprobs
+from rlhf.actors.modeling import load_causal_lm, sequence_logprobs
 from rlhf.orchestrator.experience import SequenceBatch
 
 
@@ -76,17 +74,7 @@ class ReferenceModel:
     # ---- set-up (ZeRO-3) -------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
         """(node IP, free port) for the ranks' rendezvous; ask rank 0 only."""
-        host = "127.0.0.1"
-        try:
-            import ray
-
-            if ray.is_initialized():
-                host = ray.util.get_node_ip_address()
-        except ImportError:
-            pass
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return deepspeed_rank.master_address()
 
     def init_process_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Joins the ranks' process group and partitions the model (all ranks; ZeRO-3 only).
@@ -100,44 +88,20 @@ class ReferenceModel:
             self.rank, self.world_size = rank, world_size  # replicas need no group
             return
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
-        # Ray gives each actor its own GPU as device 0 (CUDA_VISIBLE_DEVICES), so LOCAL_RANK=0.
-        os.environ.update(MASTER_ADDR=host, MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        deepspeed_rank.join_process_group(host, port, rank, world_size, self.backend)
         self.rank, self.world_size = rank, world_size
-        deepspeed.init_distributed(dist_backend=self.backend, auto_mpi_discovery=False, verbose=False)
-        config = self._ds_config()
+        # Inference only: no optimizer section, so DeepSpeed builds its ZeRO-3
+        # parameter-offload engine (partition + gather hooks) and nothing else.
+        config = deepspeed_rank.ds_config(zero_stage=3, micro_batch_size=self.micro_batch_size, dtype=self.dtype,
+                                          offload=self.offload)
         model = load_causal_lm(self.model_path, self.dtype, packing=self.packing).eval()
         model.requires_grad_(False)
-        deepspeed.zero.Init(module=model, config_dict_or_path=config)
-        for buf in model.buffers():  # zero.Init moves parameters only (e.g. rotary inv_freq stays)
-            buf.data = buf.data.to(get_accelerator().current_device_name())
+        deepspeed_rank.partition_while_loading(model, config)
         module = _Logprobs(model, self.chunk_size)
         self.engine, *_ = deepspeed.initialize(model=module, config=config)
         self.device = self.engine.device
-        # The output embedding is used outside its own module's forward (see _Logprobs),
-        # so DeepSpeed must gather it for the whole wrapper forward.
-        head = model.get_output_embeddings()
-        for p in (head.weight, head.bias):
-            if p is not None:
-                deepspeed.zero.register_external_parameter(module, p)
-
-    def _ds_config(self) -> dict:
-        zero: dict = {"stage": 3}
-        if self.offload:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        return {
-            # Inference only: no optimizer section, so DeepSpeed builds its ZeRO-3
-            # parameter-offload engine (partition + gather hooks) and nothing else.
-            "train_micro_batch_size_per_gpu": self.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": zero,
-            "bf16": {"enabled": resolve_dtype(self.dtype) == torch.bfloat16},
-            "fp16": {"enabled": resolve_dtype(self.dtype) == torch.float16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        deepspeed_rank.register_output_head(module, model)
 
     def held_parameters(self) -> int:
         """Parameter elements this rank holds: its ZeRO-3 partition, or the whole model."""

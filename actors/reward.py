@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.orchestrator.experience import Samples
+from rlhf.orchestrator.models.scoring import reward_offset, score_sequences
 from rlhf.orchestrator.tasks.rewards import RuleParams, bind_reward_functions
 
 
@@ -60,19 +61,9 @@ class RewardScorer:
             total = [max(-self.clip, min(self.clip, t)) for t in total]
         return RewardScores(total=total, components=components, scorer=self.instance)
 
-    @torch.no_grad()
     def _model_scores(self, samples: Samples) -> list[float]:
         """The reward model's scalar at the last token of prompt + reply, minus the model's
         `config.reward_offset` (set by the RM stage so demonstrations score 0 on average)."""
         seqs = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        per_token = self.model.score(hidden).squeeze(-1)  # [B, T]
-        last = attn.sum(1) - 1
-        offset = float(getattr(self.model.config, "reward_offset", 0.0) or 0.0)
-        return (per_token[torch.arange(len(seqs)), last].float() - offset).tolist()
+        raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id)
+        return (raw - reward_offset(self.model)).tolist()

@@ -24,9 +24,10 @@ float32 through the softmax. Rounding logits to bf16 moves log-probs by up to ~0
 rollout engine and the learner agree far better than that. On CPU, half-precision GEMMs
 still round their output before we upcast (CPU half precision is a test path only).
 
-Backends (``select_backend``): ``reference`` is this file; ``triton`` is the fused kernel
-in ``logprobs_triton.py`` (logits never leave the GPU's registers, fp32 softmax); ``auto``
-picks Triton on CUDA devices where triton imports and this file elsewhere, logging which.
+Backends (``rlhf.kernels.select_backend``): ``reference`` is this file; ``triton`` is the
+fused kernel in ``logprobs_triton.py`` (logits never leave the GPU's registers, fp32
+softmax); ``auto`` picks Triton on CUDA devices where triton imports and this file
+elsewhere, logging which. Input checks and the fp32 matmul live in ``_common.py``.
 
 Pure torch; no Ray/vLLM/DeepSpeed imports. Tests: ``tests/unit/test_logprobs_kernel.py``.
 Benchmark: ``bench/bench_logprobs.py``.
@@ -34,39 +35,12 @@ Benchmark: ``bench/bench_logprobs.py``.
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from typing import Callable
-
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["token_logprobs", "naive_token_logprobs", "select_backend", "default_backend"]
+from ._common import _check_inputs, _compute_dtype, _mm_fp32
 
-_log = logging.getLogger(__name__)
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/float32 inputs, float64 for float64 (lets gradcheck run)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an (at least) float32 result.
-
-    On CUDA, half-precision GEMMs hand back their float32 accumulator directly, so the
-    logits are never rounded to bf16. Elsewhere the product is upcast after the fact.
-    """
-    if a.is_cuda and a.dtype in _HALF:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            # A torch without `out_dtype` for this GEMM: multiply in float32 instead (slower,
-            # same or better accuracy); never fall back to rounding the logits to bf16.
-            return torch.mm(a.float(), b.float())
-    return torch.mm(a, b).to(_compute_dtype(a.dtype))
+__all__ = ["token_logprobs", "naive_token_logprobs"]
 
 
 def _chunk_logits(h_c, weight, bias, temperature: float) -> torch.Tensor:
@@ -160,19 +134,6 @@ def _grad_chunk_logits(z, lse, targets, g_logp, g_ent, entropy):
     return g
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature):
-    if hidden.shape[-1] != weight.shape[1] or weight.dim() != 2:
-        raise ValueError(f"hidden [..., H] and weight [V, H] disagree: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be hidden's leading shape {tuple(hidden.shape[:-1])}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [V]={tuple(weight.shape[:1])}, got {tuple(bias.shape)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -225,67 +186,3 @@ def naive_token_logprobs(
     if not with_entropy:
         return logp_y
     return logp_y, -(logp.exp() * logp).sum(-1)
-
-
-BACKENDS = ("auto", "reference", "triton")
-BACKEND_ENV = "RLHF_LOGPROB_BACKEND"
-
-
-def default_backend() -> str:
-    """The backend name from $RLHF_LOGPROB_BACKEND ("auto" when unset).
-
-    An environment variable rather than a config key: the choice is a property of the
-    machine (GPU or not, triton installed or not), not of the experiment, and "auto" is
-    right everywhere; set it (e.g. in a Ray runtime_env) only to force one for a comparison.
-    """
-    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
-@functools.cache
-def _log_choice(name: str, device_type: str, chosen: str, reason: str | None) -> None:
-    """One log line per distinct choice and process, so a fallback is never silent."""
-    if chosen == "triton":
-        _log.info("token log-probs: backend %r on %s -> the fused Triton kernel", name, device_type)
-    else:
-        _log.warning(
-            "token log-probs: backend %r on %s -> the chunked PyTorch reference "
-            "(rlhf.kernels.logprobs.token_logprobs); the Triton kernel is not used: %s",
-            name, device_type, reason or "not requested",
-        )
-
-
-def select_backend(
-    name: str = "auto", device: torch.device | str | None = None
-) -> Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-    """Pick the token log-prob implementation: "auto" | "reference" | "triton".
-
-    `device` is where the inputs live (default: cuda when available, else cpu).
-    "auto" returns the Triton kernel on a CUDA device when triton imports, else the chunked
-    reference; the choice (and a fallback's reason) is logged once per process. "triton"
-    raises RuntimeError where it cannot run. Both functions take the same arguments.
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown token log-prob backend {name!r}; expected 'auto', 'reference' or 'triton'")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if name == "reference":
-        return token_logprobs
-    from .logprobs_triton import triton_token_logprobs, triton_unavailable_reason
-
-    if name == "auto" and device.type != "cuda":
-        # Not even an import attempt: CPU runs stay exactly as without Triton installed.
-        reason = f"'auto' uses it on CUDA devices only (inputs on {device.type})"
-    else:
-        reason = triton_unavailable_reason(device)
-    if reason is None:
-        _log_choice(name, device.type, "triton", None)
-        return triton_token_logprobs
-    if name == "triton":
-        raise RuntimeError(f"token log-probs backend 'triton' cannot run on {device.type}: {reason}; "
-                           "use 'reference' (chunked PyTorch) or 'auto'")
-    _log_choice(name, device.type, "reference", reason)
-    return token_logprobs

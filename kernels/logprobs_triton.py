@@ -29,7 +29,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .logprobs import _check_inputs, _mm_fp32
+from ._common import _check_inputs, _mm_fp32
 
 __all__ = ["triton_token_logprobs", "triton_unavailable_reason", "interpret_mode"]
 

@@ -20,7 +20,8 @@ import random
 import pytest
 import torch
 
-from rlhf.orchestrator.recipe.comparisons import ComparisonStore, SimulatedLabeler, prompt_key
+from rlhf.orchestrator.data.labelers import SimulatedLabeler
+from rlhf.orchestrator.recipe.comparisons import ComparisonStore, prompt_key
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.tasks import arithmetic
 from rlhf.orchestrator.models.tiny import IM_END, TinyModelSpec, build_tiny_from_corpus

@@ -15,9 +15,10 @@ import torch
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.tasks import load_task
 from rlhf.orchestrator.experience import dialogue_batch
-from rlhf.orchestrator.recipe.sft import (METRIC_KEYS, global_batches, plan_steps, run_sft, target_tokens,
-                                   worker_failure)
+from rlhf.actors.sft_worker import METRIC_KEYS, global_batches, target_tokens
+from rlhf.orchestrator.recipe.sft import plan_steps, run_sft, worker_failure
 from rlhf.orchestrator.tasks import arithmetic
 from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus
 
@@ -58,14 +59,12 @@ def test_loss_falls_and_metrics_have_the_keys(sft_run):
     assert all(r["sft/tokens"] > 0 and r["sft/grad_norm"] > 0 for r in rows)
 
 
-def test_first_step_loss_equals_single_process_full_batch_loss(sft_run, model_dir):
-    """2 workers x 2 micro-batches of 4 give the token-mean NLL of the whole batch of 16."""
+def _first_batch_nll(cfg, model_dir) -> tuple[float, int]:
+    """Single-process token-mean NLL of the first global batch, and its target tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, rows = sft_run
-    cfg = build_config(CFG)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = encode_dialogues(tokenizer, load_sft_dialogues(cfg, cfg.seed), cfg.sft.max_tokens).rows
+    data = encode_dialogues(tokenizer, load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed), cfg.sft.max_tokens).rows
     first = [data[i] for i in global_batches(len(data), cfg.sft.batch_size, cfg.seed, 1)[0]]
     batch = dialogue_batch(first, tokenizer.pad_token_id)
     ids, attn, target_mask = batch.input_ids, batch.attention_mask, batch.action_mask
@@ -73,8 +72,32 @@ def test_first_step_loss_equals_single_process_full_batch_loss(sft_run, model_di
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1].float(), -1)
         nll = -(logp.gather(-1, ids[:, 1:, None])[..., 0] * target_mask).sum() / target_mask.sum()
-    assert rows[0]["sft/tokens"] == target_tokens(first) == int(target_mask.sum())
-    assert rows[0]["sft/loss"] == pytest.approx(float(nll), abs=1e-5)
+    assert target_tokens(first) == int(target_mask.sum())
+    return float(nll), int(target_mask.sum())
+
+
+def test_first_step_loss_equals_single_process_full_batch_loss(sft_run, model_dir):
+    """2 workers x 2 micro-batches of 4 give the token-mean NLL of the whole batch of 16."""
+    _, rows = sft_run
+    nll, tokens = _first_batch_nll(build_config(CFG), model_dir)
+    assert rows[0]["sft/tokens"] == tokens
+    assert rows[0]["sft/loss"] == pytest.approx(nll, abs=1e-5)
+
+
+def test_zero3_keeps_the_loss_and_saves_whole_tensors(ray_local, model_dir, tmp_path):
+    """ZeRO-3 (the model partitioned while loading, rlhf.actors.deepspeed_rank): the
+    first-step loss is still the single-process one, and the gathered checkpoint loads."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config({**CFG, "sft": {**CFG["sft"], "zero_stage": 3}})
+    result = run_sft(cfg, str(model_dir), tmp_path / "sft-z3", max_steps=2)
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert result.steps == 2 == len(rows)
+    assert rows[0]["sft/loss"] == pytest.approx(_first_batch_nll(cfg, model_dir)[0], abs=1e-5)
+    saved = AutoModelForCausalLM.from_pretrained(result.checkpoint)
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert saved.num_parameters() == start.num_parameters()  # whole tensors, not rank-0 partitions
+    assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), start.parameters()))  # trained
 
 
 def test_checkpoint_loads_and_generates(sft_run):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlhf.kernels import logprobs as lp_mod
+import rlhf.kernels as lp_mod  # the backend selector lives in the package
 from rlhf.kernels import naive_token_logprobs, select_backend, token_logprobs
 
 # fp32 chunked vs fp32 naive: same math, different summation order.

@@ -91,3 +91,35 @@ def test_reward_scorer_combines_rules_with_weights(model_dir):
 def test_reward_scorer_rejects_rule_without_params(model_dir):
     with pytest.raises(ValueError, match="forbidden_phrases"):
         RewardScorer(tokenizer_path=model_dir, functions={"forbidden_phrase": 1.0})
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(model_dir, tmp_path_factory):
+    """The tiny model as a sequence classifier: seeded random head, config.reward_offset = 0.5."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("rw") / "rm"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.reward_offset = 0.5
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(out))
+    return str(out)
+
+
+def test_reward_scorer_model_score_is_the_head_at_the_last_token_minus_offset(reward_model_dir):
+    """The shared scorer (orchestrator/models/scoring.py) against the classifier's own forward."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    scorer = RewardScorer(tokenizer_path=reward_model_dir, functions={}, model_path=reward_model_dir)
+    seqs = [[5, 6, 7, 8], [9, 10]]  # different lengths: the shorter one is right-padded
+    samples = Samples(prompt_ids=[s[:2] for s in seqs], response_ids=[s[2:] for s in seqs],
+                      response_logprobs=[[0.0] * len(s[2:]) for s in seqs], finished=[True, True],
+                      prompt_index=[0, 1])
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir, num_labels=1).eval()
+    with torch.no_grad():
+        expected = [float(model(input_ids=torch.tensor([s])).logits[0, 0]) - 0.5 for s in seqs]
+    got = scorer.score(samples, [ADD, MUL]).components["model"]
+    assert got == pytest.approx(expected, abs=1e-5)
