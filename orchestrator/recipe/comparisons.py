@@ -6,34 +6,39 @@ one prompt is one batch element (rlhf.orchestrator.rl.pairwise_rm_loss).
 
 - `ComparisonStore`: an embedded SQLite file (stdlib `sqlite3`, no server). Each comparison
   keeps its provenance (round, policy checkpoint, prompt id, prompt messages, time) and its
-  K replies (text, token ids, rank: 0 = best, equal ranks = tie). Re-opening a file keeps
-  earlier rounds: the pipeline retrains the reward model on all comparisons so far.
-- Labelers, one interface `rank(prompt_messages, replies) -> ranks`: `SimulatedLabeler`
-  (a task's score function) and `FileLabeler` (rankings made by people, from JSONL).
-- `collect_comparisons`: sample K replies per prompt with the rollout engines, rank, store.
+  K replies (text, token ids, rank: 0 = best, equal ranks = tie, NULL = not ranked yet).
+  Re-opening a file keeps earlier rounds: the pipeline retrains the reward model on all
+  comparisons so far. Unranked comparisons are how people label (`labeler.kind: human`):
+  a labeling tool, or plain SQL, fills in the ranks (`set_ranks`), and `load` returns only
+  fully ranked comparisons unless asked otherwise.
+- `collect_comparisons`: sample K replies per prompt with the rollout engines, rank them
+  with a labeler (rlhf.orchestrator.data.labelers) or leave them unranked, store.
+
+Schema version 2 (replies.rank nullable). A version-1 file is migrated on open, in one
+transaction (its ranks are all set, so nothing changes for its readers).
 
 Run on one CPU machine or a cluster alike (the store lives on the driver):
 
     with ComparisonStore(out / "comparisons.sqlite") as store:
         collect_comparisons(rollout, prompts.messages, prompts.token_ids, keys, k=4,
-                            labeler=SimulatedLabeler(arithmetic.score_reply), store=store,
+                            labeler=build_labeler(cfg.labeler, task), store=store,
                             round=0, policy=str(sft_dir), temperature=1.0,
                             max_new_tokens=64, seed=0, tokenizer=tokenizer)
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
 
+from rlhf.orchestrator.data.labelers import Labeler, prompt_key
 from rlhf.orchestrator.errors import BadInput
 
-SCHEMA_VERSION = 1
+__all__ = ["Comparison", "ComparisonStore", "collect_comparisons", "prompt_key"]
+
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -49,10 +54,30 @@ CREATE TABLE IF NOT EXISTS replies (
     idx           INTEGER NOT NULL,     -- position among the K replies, as sampled
     text          TEXT    NOT NULL,
     token_ids     TEXT    NOT NULL,     -- JSON list of ints (stop token included if generated)
-    rank          INTEGER NOT NULL,     -- 0 = best; equal ranks are ties
+    rank          INTEGER,              -- 0 = best; equal ranks are ties; NULL = not ranked yet
     PRIMARY KEY (comparison_id, idx)
 );
 """
+# Version 1 had `rank INTEGER NOT NULL`; SQLite cannot drop a constraint, so the table is rebuilt.
+_MIGRATE_V1 = """
+BEGIN;
+CREATE TABLE replies_v2 (
+    comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    text          TEXT    NOT NULL,
+    token_ids     TEXT    NOT NULL,
+    rank          INTEGER,
+    PRIMARY KEY (comparison_id, idx)
+);
+INSERT INTO replies_v2 (comparison_id, idx, text, token_ids, rank)
+    SELECT comparison_id, idx, text, token_ids, rank FROM replies;
+DROP TABLE replies;
+ALTER TABLE replies_v2 RENAME TO replies;
+PRAGMA user_version = 2;
+COMMIT;
+"""
+# A comparison is ranked when none of its replies has a NULL rank.
+_RANKED = "NOT EXISTS (SELECT 1 FROM replies r WHERE r.comparison_id = comparisons.id AND r.rank IS NULL)"
 
 
 @dataclass(frozen=True)
@@ -66,14 +91,12 @@ class Comparison:
     prompt_messages: list[dict]    # the conversation, ending with a user turn
     replies: list[str]             # K decoded replies
     reply_ids: list[list[int]]     # K token-id lists (what the policy generated)
-    ranks: list[int]               # K ranks, 0 = best, equal = tie
+    ranks: list[int | None]        # K ranks, 0 = best, equal = tie; None = not ranked yet
     created: str                   # ISO-8601 UTC time of `add`
 
-
-def prompt_key(messages: list[dict]) -> str:
-    """A stable id for a conversation: sha1 of its canonical JSON (first 16 hex digits)."""
-    canon = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha1(canon.encode()).hexdigest()[:16]
+    @property
+    def ranked(self) -> bool:
+        return all(r is not None for r in self.ranks)
 
 
 class ComparisonStore:
@@ -86,23 +109,37 @@ class ComparisonStore:
             self._db = sqlite3.connect(str(self.path))
             self._db.execute("PRAGMA foreign_keys = ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise BadInput(f"{self.path}: comparison store schema version {version}, "
-                               f"this code reads version {SCHEMA_VERSION}")
+                               f"this code reads versions 1 and {SCHEMA_VERSION}")
+            if version == 1:
+                self._migrate_v1()
             with self._db:
                 self._db.executescript(_SCHEMA)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as err:
             raise BadInput(f"{self.path}: not a comparison store ({err})") from None
 
+    def _migrate_v1(self) -> None:
+        """Rebuilds the replies table with a nullable rank, all in one transaction."""
+        try:
+            self._db.executescript(_MIGRATE_V1)
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.rollback()  # the file stays a readable version 1
+            raise
+
     def add(self, round: int, prompt_id: str, policy: str, prompt_messages: list[dict],
-            replies: list[str], reply_ids: list[list[int]], ranks: list[int]) -> int:
-        """Stores one comparison and its replies in one transaction; returns its id."""
-        if not (len(replies) == len(reply_ids) == len(ranks)) or len(replies) < 2:
-            raise ValueError(f"a comparison needs >= 2 replies with one token list and one rank each, got "
-                             f"{len(replies)} replies, {len(reply_ids)} token lists, {len(ranks)} ranks")
-        if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in ranks):
-            raise ValueError(f"ranks must be ints >= 0 (0 = best), got {ranks}")
+            replies: list[str], reply_ids: list[list[int]], ranks: list[int] | None = None) -> int:
+        """Stores one comparison and its replies in one transaction; returns its id.
+        `ranks=None` stores it unranked (people rank it later: `set_ranks`)."""
+        n = len(replies)
+        if n < 2 or len(reply_ids) != n or (ranks is not None and len(ranks) != n):
+            raise ValueError(f"a comparison needs >= 2 replies with one token list and one rank each, got {n} "
+                             f"replies, {len(reply_ids)} token lists, {'no' if ranks is None else len(ranks)} ranks")
+        if ranks is not None:
+            _check_ranks(ranks)
+        stored = ranks if ranks is not None else [None] * n
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._db:  # one transaction: a comparison is stored whole or not at all
             cur = self._db.execute(
@@ -111,18 +148,38 @@ class ComparisonStore:
             cid = int(cur.lastrowid)
             self._db.executemany(
                 "INSERT INTO replies (comparison_id, idx, text, token_ids, rank) VALUES (?, ?, ?, ?, ?)",
-                [(cid, i, text, json.dumps([int(t) for t in ids]), int(rank))
-                 for i, (text, ids, rank) in enumerate(zip(replies, reply_ids, ranks))])
+                [(cid, i, text, json.dumps([int(t) for t in ids]), None if rank is None else int(rank))
+                 for i, (text, ids, rank) in enumerate(zip(replies, reply_ids, stored))])
         return cid
 
-    def load(self, rounds: list[int] | None = None) -> list[Comparison]:
-        """Comparisons of `rounds` (all when None), in insertion order."""
-        query = "SELECT id, round, prompt_id, policy, prompt_messages, created FROM comparisons"
-        args: tuple = ()
+    def set_ranks(self, comparison_id: int, ranks: list[int]) -> None:
+        """Ranks (or re-ranks) the K replies of one comparison, in one transaction; in SQL:
+        UPDATE replies SET rank = ? WHERE comparison_id = ? AND idx = ?  (one row per reply)."""
+        k = self._db.execute("SELECT COUNT(*) FROM replies WHERE comparison_id = ?", (int(comparison_id),)).fetchone()[0]
+        if k == 0:
+            raise ValueError(f"no comparison with id {comparison_id} in {self.path}")
+        if len(ranks) != k:
+            raise ValueError(f"comparison {comparison_id} has {k} replies, got {len(ranks)} ranks")
+        _check_ranks(ranks)
+        with self._db:
+            self._db.executemany("UPDATE replies SET rank = ? WHERE comparison_id = ? AND idx = ?",
+                                 [(int(r), int(comparison_id), i) for i, r in enumerate(ranks)])
+
+    def _where(self, rounds: list[int] | None, ranked_only: bool) -> tuple[str, tuple]:
+        clauses, args = [], ()
         if rounds is not None:
-            query += f" WHERE round IN ({','.join('?' * len(rounds))})"
+            clauses.append(f"round IN ({','.join('?' * len(rounds))})")
             args = tuple(int(r) for r in rounds)
-        heads = self._db.execute(query + " ORDER BY id", args).fetchall()
+        if ranked_only:
+            clauses.append(_RANKED)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+    def load(self, rounds: list[int] | None = None, ranked_only: bool = True) -> list[Comparison]:
+        """Comparisons of `rounds` (all when None), in insertion order; only fully ranked
+        ones unless `ranked_only=False` (then unranked replies have rank None)."""
+        where, args = self._where(rounds, ranked_only)
+        heads = self._db.execute("SELECT id, round, prompt_id, policy, prompt_messages, created FROM comparisons"
+                                 + where + " ORDER BY id", args).fetchall()
         by_id: dict[int, list[tuple]] = {cid: [] for cid, *_ in heads}
         for row in self._db.execute("SELECT comparison_id, idx, text, token_ids, rank FROM replies "
                                     "ORDER BY comparison_id, idx"):
@@ -134,11 +191,14 @@ class ComparisonStore:
                 for cid, rnd, pid, policy, msgs, created in heads]
 
     def count(self, rounds: list[int] | None = None) -> int:
-        if rounds is None:
-            return int(self._db.execute("SELECT COUNT(*) FROM comparisons").fetchone()[0])
-        marks = ",".join("?" * len(rounds))
-        return int(self._db.execute(f"SELECT COUNT(*) FROM comparisons WHERE round IN ({marks})",
-                                    tuple(int(r) for r in rounds)).fetchone()[0])
+        """Comparisons of `rounds` (all when None), ranked or not."""
+        where, args = self._where(rounds, ranked_only=False)
+        return int(self._db.execute("SELECT COUNT(*) FROM comparisons" + where, args).fetchone()[0])
+
+    def count_ranked(self, rounds: list[int] | None = None) -> int:
+        """Fully ranked comparisons of `rounds` (all when None)."""
+        where, args = self._where(rounds, ranked_only=True)
+        return int(self._db.execute("SELECT COUNT(*) FROM comparisons" + where, args).fetchone()[0])
 
     def delete_round(self, round: int) -> int:
         """Removes every comparison of `round` (and its replies); returns how many.
@@ -159,110 +219,20 @@ class ComparisonStore:
         self.close()
 
 
-# --------------------------------------------------------------------------- labelers
-
-
-class Labeler(Protocol):
-    def rank(self, prompt_messages: list[dict], replies: list[str]) -> list[int]:
-        """One rank per reply: 0 = best, equal ranks = tie."""
-
-
-def ranks_from_scores(scores: list[float]) -> list[int]:
-    """Dense ranks, higher score = better: [1.5, -1, 1.5, 0] -> [0, 2, 0, 1]."""
-    order = sorted(set(scores), reverse=True)
-    return [order.index(s) for s in scores]
-
-
-class SimulatedLabeler:
-    """Ranks replies by a score function `score_fn(prompt_messages, reply) -> float`
-    (e.g. rlhf.orchestrator.tasks.arithmetic.score_reply); equal scores share a rank."""
-
-    def __init__(self, score_fn: Callable[[list[dict], str], float]) -> None:
-        self.score_fn = score_fn
-
-    def rank(self, prompt_messages: list[dict], replies: list[str]) -> list[int]:
-        return ranks_from_scores([float(self.score_fn(prompt_messages, r)) for r in replies])
-
-
-class FileLabeler:
-    """Rankings made by people, read from a JSONL file, one prompt per line.
-
-    Keyed by the prompt text (the conversation), not by an id, so a ranking file is
-    self-describing and survives re-sampling and re-numbering:
-
-        {"prompt": [{"role": "user", "content": "What is 2 + 3?"}],
-         "replies": ["2 + 3 = 5.", "2 + 3 = 6."], "ranks": [0, 1]}
-
-    `replies` is optional but recommended: with it, the ranks are matched to the sampled
-    replies by text (so any order works) and a mismatch is an error; without it, `ranks`
-    must be in the order the replies were sampled. Malformed lines raise BadInput naming
-    file:line; a prompt with no line raises BadInput naming the prompt.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise BadInput(f"rm.rankings_file: no such file: {self.path}")
-        self._by_prompt: dict[str, tuple[int, list[str] | None, list[int]]] = {}
-        for lineno, line in enumerate(self.path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            key, replies, ranks = self._parse(line, lineno)
-            if key in self._by_prompt:
-                raise BadInput(f"{self.path}:{lineno}: prompt already ranked on line {self._by_prompt[key][0]}")
-            self._by_prompt[key] = (lineno, replies, ranks)
-        if not self._by_prompt:
-            raise BadInput(f"{self.path}: no rankings in the file")
-
-    def _parse(self, line: str, lineno: int) -> tuple[str, list[str] | None, list[int]]:
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("each line must be a JSON object")
-            prompt, ranks, replies = row["prompt"], row["ranks"], row.get("replies")
-            if not isinstance(prompt, list) or not prompt or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in prompt):
-                raise ValueError("'prompt' must be a non-empty list of {role, content} messages")
-            if (not isinstance(ranks, list) or len(ranks) < 2
-                    or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
-                raise ValueError(f"'ranks' must be a list of >= 2 ints >= 0 (0 = best), got {ranks!r}"[:160])
-            if replies is not None and (not isinstance(replies, list) or len(replies) != len(ranks)
-                                        or not all(isinstance(r, str) for r in replies)):
-                raise ValueError("'replies' must be a list of strings, one per rank")
-        except json.JSONDecodeError as err:
-            raise BadInput(f"{self.path}:{lineno}: malformed ranking: invalid JSON ({err.msg})") from None
-        except KeyError as err:
-            raise BadInput(f"{self.path}:{lineno}: malformed ranking: missing key {err}") from None
-        except ValueError as err:
-            raise BadInput(f"{self.path}:{lineno}: malformed ranking: {err}") from None
-        return prompt_key(prompt), replies, ranks
-
-    def rank(self, prompt_messages: list[dict], replies: list[str]) -> list[int]:
-        found = self._by_prompt.get(prompt_key(prompt_messages))
-        if found is None:
-            last = prompt_messages[-1]["content"] if prompt_messages else ""
-            raise BadInput(f"{self.path}: no ranking for prompt {last[:80]!r} "
-                           f"(prompt id {prompt_key(prompt_messages)}); add a line for it")
-        lineno, ranked_replies, ranks = found
-        if ranked_replies is None:
-            if len(ranks) != len(replies):
-                raise BadInput(f"{self.path}:{lineno}: {len(ranks)} ranks for {len(replies)} sampled replies")
-            return list(ranks)
-        if Counter(ranked_replies) != Counter(replies):
-            raise BadInput(f"{self.path}:{lineno}: the ranked replies differ from the sampled ones")
-        rank_of = dict(zip(ranked_replies, ranks))
-        return [rank_of[r] for r in replies]
+def _check_ranks(ranks: list[int]) -> None:
+    if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in ranks):
+        raise ValueError(f"ranks must be ints >= 0 (0 = best), got {ranks}")
 
 
 # --------------------------------------------------------------------------- collection
 
 
 def collect_comparisons(rollout, prompt_messages: list[list[dict]], prompt_ids: list[list[int]],
-                        prompt_keys: list[str], k: int, labeler: Labeler, store: ComparisonStore, round: int,
+                        prompt_keys: list[str], k: int, labeler: Labeler | None, store: ComparisonStore, round: int,
                         policy: str, temperature: float, max_new_tokens: int, seed: int | None,
                         tokenizer, top_p: float = 1.0) -> int:
-    """Samples `k` replies per prompt, ranks them, stores one comparison per prompt.
+    """Samples `k` replies per prompt, ranks them (`labeler` None: leaves them unranked for
+    people to rank in the store), stores one comparison per prompt.
 
     rollout: a RolloutGroup (or anything with its `generate`). prompt_messages[i],
     prompt_ids[i] (chat-templated token ids) and prompt_keys[i] describe prompt i.
@@ -284,7 +254,7 @@ def collect_comparisons(rollout, prompt_messages: list[list[dict]], prompt_ids: 
         if any(samples.prompt_index[j] != i for j in rows):
             raise RuntimeError(f"rollout samples out of order: rows {rows.start}..{rows.stop - 1} are not prompt {i}")
         replies = [texts[j] for j in rows]
-        ranks = labeler.rank(messages, replies)
+        ranks = labeler.rank(messages, replies) if labeler is not None else None
         store.add(round, key, policy, messages, replies, [list(samples.response_ids[j]) for j in rows], ranks)
         stored += 1
     return stored

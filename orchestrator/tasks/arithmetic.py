@@ -91,3 +91,30 @@ def score_reply(messages: list[dict], reply: str) -> float:
     score += 0.5 if is_polite(reply) else 0.0
     score -= 0.5 if len(reply) > 60 else 0.0
     return score
+
+
+EVAL_SEED_OFFSET = 10_000  # held-out prompts come from another seed of the same generator
+
+
+class ArithmeticTask:
+    """The registry's `arithmetic` task (orchestrator/tasks/__init__.py: Task)."""
+
+    name = "arithmetic"
+
+    def __init__(self, max_turns: int = 2, polite_rate: float = 0.5) -> None:
+        self.max_turns, self.polite_rate = max_turns, polite_rate
+
+    def demonstrations(self, n: int, seed: int) -> list[list[dict]]:
+        return make_dialogues(n, seed, self.max_turns, self.polite_rate)
+
+    def prompts(self, n: int, seed: int) -> list[list[dict]]:
+        """The demonstrations of `seed`, cut before their last assistant turn."""
+        return [d[:-1] for d in self.demonstrations(n, seed)]
+
+    def eval_prompts(self, n: int, seed: int) -> list[list[dict]]:
+        """Prompts of seed + EVAL_SEED_OFFSET (the quickstart's held-out set since its first
+        version). The question space is small, so some of them also occur in `prompts`."""
+        return self.prompts(n, seed + EVAL_SEED_OFFSET)
+
+    def score(self, messages: list[dict], reply: str) -> float:
+        return score_reply(messages, reply)

@@ -6,7 +6,8 @@
 
 Each function scores one reply: `fn(prompt_messages, reply_text, reply_ids) -> float`.
 Two kinds share the registry:
-- preference functions (`digit_fraction`, `arithmetic`): what a labeler would reward;
+- preference functions (`digit_fraction`, and each built-in task's simulated labeler under
+  the task's name: `arithmetic`, `instruct`): what a labeler would reward;
 - rules (`forbidden_phrase`, `no_repetition`): penalties, always <= 0, 0 for a clean reply.
   Sparrow (Glaese et al., 2022) scores rule violations apart from preference and adds them
   with their own weights, so each rule stays visible as its own metric.
@@ -23,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from rlhf.orchestrator.tasks import arithmetic
+from rlhf.orchestrator.tasks import TASKS, Task
 
 RewardFn = Callable[[list[dict], str, list[int]], float]
 
@@ -41,9 +42,9 @@ def digit_fraction(prompt: list[dict], reply: str, reply_ids: list[int]) -> floa
     return sum(ch.isdigit() for ch in text) / len(text) if text else 0.0
 
 
-def arithmetic_labeler(prompt: list[dict], reply: str, reply_ids: list[int]) -> float:
-    """The quickstart task's simulated labeler (correct answer, polite, not rambling)."""
-    return arithmetic.score_reply(prompt, reply)
+def task_score(task: Task, prompt: list[dict], reply: str, reply_ids: list[int]) -> float:
+    """A task's simulated labeler as a reward function (bound with functools.partial, so it pickles)."""
+    return float(task.score(prompt, reply))
 
 
 def forbidden_phrase(prompt: list[dict], reply: str, reply_ids: list[int], *,
@@ -70,10 +71,9 @@ def no_repetition(prompt: list[dict], reply: str, reply_ids: list[int]) -> float
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "digit_fraction": digit_fraction,
-    "arithmetic": arithmetic_labeler,
     "forbidden_phrase": forbidden_phrase,
     "no_repetition": no_repetition,
-}
+} | {name: functools.partial(task_score, factory()) for name, factory in TASKS.items()}  # built-in tasks' labelers
 
 
 @dataclass(frozen=True)

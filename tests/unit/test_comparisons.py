@@ -1,4 +1,5 @@
-"""Comparison store, labelers and collection (no Ray: a fake rollout group stands in)."""
+"""Comparison store (ranked, unranked, v1 files) and collection (no Ray: a fake rollout group stands in).
+The labelers are tested in test_labelers.py."""
 from __future__ import annotations
 
 import json
@@ -6,17 +7,10 @@ import sqlite3
 
 import pytest
 
-from rlhf.orchestrator.recipe.comparisons import (
-    ComparisonStore,
-    FileLabeler,
-    SimulatedLabeler,
-    collect_comparisons,
-    prompt_key,
-    ranks_from_scores,
-)
+from rlhf.orchestrator.data.labelers import SimulatedLabeler
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.experience import Samples
-from rlhf.orchestrator.tasks import arithmetic
+from rlhf.orchestrator.recipe.comparisons import SCHEMA_VERSION, ComparisonStore, collect_comparisons, prompt_key
 
 Q1 = [{"role": "user", "content": "What is 2 + 3?"}]
 Q2 = [{"role": "user", "content": "What is 4 * 5?"}, {"role": "assistant", "content": "4 * 5 = 20."},
@@ -78,68 +72,6 @@ def test_not_a_store_is_bad_input(tmp_path):
         ComparisonStore(path)
 
 
-def test_ranks_from_scores_dense_with_ties():
-    assert ranks_from_scores([1.5, -1.0, 1.5, 0.0]) == [0, 2, 0, 1]
-    assert ranks_from_scores([0.0, 0.0]) == [0, 0]
-
-
-def test_simulated_labeler_ranks_by_arithmetic_score():
-    labeler = SimulatedLabeler(arithmetic.score_reply)
-    replies = ["2 + 3 = 5.", "2 + 3 = 5. Happy to help!", "2 + 3 = 6.",
-               "2 + 3 = 6. Let me tell you much more about numbers than you asked for today."]
-    # scores 1.0, 1.5, -1.0, -1.5
-    assert labeler.rank(Q1, replies) == [1, 0, 2, 3]
-    assert labeler.rank(Q1, ["2 + 3 = 5.", "5"]) == [0, 0]  # equal scores: a tie
-
-
-def _write(path, *lines):
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def test_file_labeler_reads_ranks_matched_by_reply_text(tmp_path):
-    path = _write(tmp_path / "r.jsonl",
-                  json.dumps({"prompt": Q1, "replies": ["b", "a", "c"], "ranks": [1, 0, 2]}),
-                  "",
-                  json.dumps({"prompt": Q2, "ranks": [0, 0, 1]}))
-    labeler = FileLabeler(path)
-    assert labeler.rank(Q1, ["a", "b", "c"]) == [0, 1, 2]  # reordered to the sampled order
-    assert labeler.rank(Q2, ["x", "y", "z"]) == [0, 0, 1]
-    with pytest.raises(BadInput, match=r"r\.jsonl:1: the ranked replies differ"):
-        labeler.rank(Q1, ["a", "b", "d"])
-    with pytest.raises(BadInput, match=r"r\.jsonl:3: 3 ranks for 2 sampled replies"):
-        labeler.rank(Q2, ["x", "y"])
-    with pytest.raises(BadInput, match="no ranking for prompt 'What is 9 - 1\\?'"):
-        labeler.rank([{"role": "user", "content": "What is 9 - 1?"}], ["a", "b"])
-
-
-@pytest.mark.parametrize("bad, why", [
-    ("{not json", "invalid JSON"),
-    (json.dumps({"ranks": [0, 1]}), "missing key 'prompt'"),
-    (json.dumps({"prompt": Q1, "ranks": [0]}), "'ranks' must be a list of >= 2"),
-    (json.dumps({"prompt": Q1, "ranks": [0, "1"]}), "'ranks' must be a list of >= 2"),
-    (json.dumps({"prompt": "What?", "ranks": [0, 1]}), "'prompt' must be a non-empty list"),
-    (json.dumps({"prompt": Q1, "ranks": [0, 1], "replies": ["a"]}), "'replies' must be a list"),
-    (json.dumps([1, 2]), "must be a JSON object"),
-])
-def test_file_labeler_malformed_line_names_file_and_line(tmp_path, bad, why):
-    path = _write(tmp_path / "r.jsonl", json.dumps({"prompt": Q2, "ranks": [0, 1]}), bad)
-    with pytest.raises(BadInput) as err:
-        FileLabeler(path)
-    msg = str(err.value)
-    assert f"{path}:2: malformed ranking" in msg and why in msg and "\n" not in msg
-
-
-def test_file_labeler_missing_file_empty_and_duplicate(tmp_path):
-    with pytest.raises(BadInput, match="no such file"):
-        FileLabeler(tmp_path / "none.jsonl")
-    with pytest.raises(BadInput, match="no rankings"):
-        FileLabeler(_write(tmp_path / "empty.jsonl", ""))
-    line = json.dumps({"prompt": Q1, "ranks": [0, 1]})
-    with pytest.raises(BadInput, match=r"dup\.jsonl:2: prompt already ranked on line 1"):
-        FileLabeler(_write(tmp_path / "dup.jsonl", line, line))
-
-
 class _FakeTokenizer:
     def batch_decode(self, ids, skip_special_tokens=True):
         return [" ".join(str(t) for t in seq if not (skip_special_tokens and t == 99)) for seq in ids]
@@ -193,3 +125,93 @@ def test_delete_round_removes_only_that_round_and_its_replies(tmp_path):
         assert store.delete_round(2) == 2
         assert [c.round for c in store.load()] == [1]
         assert store._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0] == 2  # cascaded
+
+
+def test_unranked_comparisons_wait_for_their_ranks(tmp_path):
+    with ComparisonStore(tmp_path / "c.sqlite") as store:
+        ranked = _add(store, round=1, ranks=(1, 0))
+        unranked = store.add(1, prompt_key(Q2), "ckpt/sft", Q2, ["a", "b", "c"], [[1], [2], [3]])  # ranks=None
+        assert store.count() == 2 and store.count([1]) == 2
+        assert store.count_ranked() == 1 and store.count_ranked([1]) == 1 and store.count_ranked([2]) == 0
+        assert [c.id for c in store.load()] == [ranked]  # ranked_only by default: the RM never sees NULLs
+        everything = store.load(ranked_only=False)
+        assert [c.ranks for c in everything] == [[1, 0], [None, None, None]]
+        assert [c.ranked for c in everything] == [True, False]
+        store.set_ranks(unranked, [2, 0, 0])
+        assert store.count_ranked() == 2
+        assert store.load([1])[1].ranks == [2, 0, 0]
+        with pytest.raises(ValueError, match="has 3 replies, got 2 ranks"):
+            store.set_ranks(unranked, [0, 1])
+        with pytest.raises(ValueError, match="ranks must be ints >= 0"):
+            store.set_ranks(unranked, [0, 1, -1])
+        with pytest.raises(ValueError, match="no comparison with id 99"):
+            store.set_ranks(99, [0, 1])
+        assert store.load([1])[1].ranks == [2, 0, 0]  # failed updates changed nothing
+
+
+def test_partly_ranked_comparison_counts_as_unranked(tmp_path):
+    """What a person half-way through ranking in SQL leaves: not yet training data."""
+    path = tmp_path / "c.sqlite"
+    with ComparisonStore(path) as store:
+        cid = store.add(0, "p", "pol", Q1, ["a", "b"], [[1], [2]])
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE replies SET rank = 0 WHERE comparison_id = ? AND idx = 0", (cid,))
+    db.close()
+    with ComparisonStore(path) as store:
+        assert store.count_ranked() == 0 and store.load() == []
+        assert store.load(ranked_only=False)[0].ranks == [0, None]
+
+
+def _v1_file(path):
+    """A store as version 1 wrote it (rank NOT NULL), with one ranked comparison."""
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE comparisons (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL,
+            prompt_id TEXT NOT NULL, policy TEXT NOT NULL, prompt_messages TEXT NOT NULL, created TEXT NOT NULL);
+        CREATE INDEX comparisons_round ON comparisons(round);
+        CREATE TABLE replies (comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL, text TEXT NOT NULL, token_ids TEXT NOT NULL, rank INTEGER NOT NULL,
+            PRIMARY KEY (comparison_id, idx));
+        PRAGMA user_version = 1;
+    """)
+    with db:
+        db.execute("INSERT INTO comparisons VALUES (7, 2, 'pid', 'ckpt/old', ?, '2024-01-01T00:00:00+00:00')",
+                   (json.dumps(Q1),))
+        db.executemany("INSERT INTO replies VALUES (7, ?, ?, ?, ?)", [(0, "x", "[1, 2]", 1), (1, "y", "[3]", 0)])
+    db.close()
+    return path
+
+
+def test_v1_file_is_migrated_and_keeps_its_comparisons(tmp_path):
+    path = _v1_file(tmp_path / "old.sqlite")
+    with ComparisonStore(path) as store:
+        [old] = store.load()
+        assert (old.id, old.round, old.policy, old.replies, old.reply_ids, old.ranks) == (
+            7, 2, "ckpt/old", ["x", "y"], [[1, 2], [3]], [1, 0])
+        store.add(3, "new", "ckpt/new", Q2, ["a", "b"], [[1], [2]])  # unranked: needs the nullable column
+        assert store.count() == 2 and store.count_ranked() == 1
+        assert store.delete_round(2) == 1  # the cascade still holds on the rebuilt table
+        assert store._db.execute("SELECT COUNT(*) FROM replies WHERE comparison_id = 7").fetchone()[0] == 0
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+
+
+def test_unknown_schema_version_is_bad_input(tmp_path):
+    path = tmp_path / "future.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 9")
+    db.close()
+    with pytest.raises(BadInput, match="schema version 9"):
+        ComparisonStore(path)
+
+
+def test_collect_without_labeler_stores_unranked(tmp_path):
+    with ComparisonStore(tmp_path / "c.sqlite") as store:
+        n = collect_comparisons(_FakeRollout(), [Q1], [[5, 6]], ["q1"], k=3, labeler=None, store=store, round=1,
+                                policy="ckpt/sft", temperature=1.0, max_new_tokens=8, seed=0,
+                                tokenizer=_FakeTokenizer())
+        assert n == 1 and store.count() == 1 and store.count_ranked() == 0
+        [c] = store.load(ranked_only=False)
+    assert c.replies == ["0 0", "0 1", "0 2"] and c.ranks == [None, None, None]
