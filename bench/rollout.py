@@ -39,11 +39,12 @@ def build_models(out: Path) -> tuple[list[tuple[str, str]], list[list[int]]]:
 
     from rlhf.orchestrator.config import load_config
     from rlhf.orchestrator.ppo.launch import resolve_policy
-    from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
+    from rlhf.orchestrator.data.prompts import build_prompts
+    from rlhf.orchestrator.tasks import load_task
     from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_model
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
-    dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
+    dialogues = load_task(cfg.data.task).demonstrations(cfg.data.task_size, cfg.seed)
     quick = resolve_policy(cfg, out, dialogues)  # out/init_model, exactly as the quickstart builds it
     tokenizer = AutoTokenizer.from_pretrained(quick)
     spec = dataclasses.replace(TinyModelSpec(**cfg.model.tiny.model_dump()), **LARGER)

@@ -56,9 +56,10 @@ def build_task(cfg, out: Path) -> tuple[str, list[list[dict]]]:
     from transformers import AutoTokenizer
 
     from rlhf.orchestrator.ppo.launch import resolve_policy
-    from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
+    from rlhf.orchestrator.data.prompts import build_prompts
+    from rlhf.orchestrator.tasks import load_task
 
-    dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
+    dialogues = load_task(cfg.data.task).demonstrations(cfg.data.task_size, cfg.seed)
     model_dir = resolve_policy(cfg, out, dialogues)
     prompts = build_prompts(dialogues, AutoTokenizer.from_pretrained(model_dir), cfg.data.max_prompt_tokens,
                             cfg.data.prompt_overflow)

@@ -1,15 +1,11 @@
 """Demonstration dialogues for supervised fine-tuning, and their tokenization.
 
-Sources (InstructGPT's SFT data: labeler-written demonstrations, here any mix of):
-  - the built-in task's dialogues (`data.task`, `data.task_size` of them);
-  - `data.train`: a JSONL of `{"messages": [...]}` dialogues (its assistant turns count);
-  - each `sft.sources` entry, mixed in by weight: a source of weight w contributes
-    round(w * N_base) dialogues, N_base being the number of dialogues above (or, with none
-    above, w times its own size), drawn with a seeded RNG, with replacement only when the
-    file holds fewer than that.
-A source file is either `dialogue` format (`{"messages": [...]}`) or `instruction` format
-(`{"instruction": str, "response": str}`, which becomes one user turn and one assistant
-turn). Malformed lines are bad input naming file:line.
+InstructGPT's SFT data are labeler-written demonstrations; here they are, in this order:
+  - the built-in task's demonstrations (`data.task`, `data.task_size` of them), if a task is set;
+  - every `data.sft` source (JSONL or a local Hugging Face dataset; formats messages,
+    prompt_response, or preference, whose chosen reply counts as the demonstration), mixed in by
+    weight: a source of weight w and N rows contributes round(w * N) of them (data/sources.py).
+Malformed rows are bad input naming file:line (or dataset row).
 
 Tokenization uses the model's chat template; its `{% generation %}` blocks give the mask
 of assistant tokens, the only tokens the SFT loss trains on.
@@ -17,16 +13,13 @@ of assistant tokens, the only tokens the SFT loss trains on.
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from rlhf.orchestrator.config import DataSourceConfig, ExperimentConfig
+from rlhf.orchestrator.config import ExperimentConfig
+from rlhf.orchestrator.data.sources import Dialogue, load_dialogues
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.data.prompts import read_dialogues, task_dialogues
 
-Dialogue = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str}, ...]
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -39,65 +32,14 @@ class EncodedDialogues:
     skipped: int = 0    # dialogues with no assistant token left after the cut (dropped, counted)
 
 
-def read_instructions(path: str | Path) -> list[Dialogue]:
-    """Reads `{"instruction", "response"}` JSONL as two-turn dialogues; BadInput names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"sft.sources: no such file: {path}")
-    dialogues = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            pair = json.loads(line)
-            if not isinstance(pair, dict):
-                raise ValueError(f"expected an object, got {type(pair).__name__}")
-            instruction, response = pair["instruction"], pair["response"]
-            if not isinstance(instruction, str) or not isinstance(response, str):
-                raise ValueError("'instruction' and 'response' must be strings")
-        except (ValueError, KeyError, TypeError) as err:
-            raise BadInput(f"{path}:{lineno}: malformed instruction pair: {err}") from None
-        dialogues.append([{"role": "user", "content": instruction},
-                          {"role": "assistant", "content": response}])
+def load_sft_dialogues(cfg: ExperimentConfig, task, seed: int) -> list[Dialogue]:
+    """The SFT demonstrations of an experiment: `task.demonstrations(data.task_size, seed)` when
+    `task` (a `rlhf.orchestrator.tasks.Task`) is given, then the data.sft sources mixed by weight."""
+    base = task.demonstrations(cfg.data.task_size, seed) if task is not None else []
+    dialogues = load_dialogues(cfg.data.sft, "data.sft", seed, base=base)
     if not dialogues:
-        raise BadInput(f"{path}: empty dataset (no instruction pairs)")
+        raise BadInput("data.sft: no demonstrations (set data.task or data.sft)")
     return dialogues
-
-
-def read_source(source: DataSourceConfig, index: int) -> list[Dialogue]:
-    """All dialogues of one `sft.sources` entry."""
-    if not source.path or not Path(source.path).is_file():
-        raise BadInput(f"sft.sources.{index}.path: no such file: {source.path!r}")
-    if source.format == "instruction":
-        return read_instructions(source.path)
-    return read_dialogues(source.path)
-
-
-def mix_source(dialogues: list[Dialogue], weight: float, n_base: int, rng: random.Random) -> list[Dialogue]:
-    """round(weight * n_base) dialogues of a source (weight x its own size when n_base is 0):
-    a sample without replacement when the source is large enough, with replacement if not."""
-    n = round(weight * (n_base or len(dialogues)))
-    if n <= len(dialogues):
-        return rng.sample(dialogues, n)
-    return rng.choices(dialogues, k=n)
-
-
-def load_sft_dialogues(cfg: ExperimentConfig, seed: int) -> list[Dialogue]:
-    """The SFT demonstrations of an experiment: task and data.train dialogues, then every
-    sft.sources entry mixed in by weight (reproducible from `seed`)."""
-    base: list[Dialogue] = []
-    if cfg.data.task:
-        base += task_dialogues(cfg.data.task, cfg.data.task_size, seed)
-    if cfg.data.train:
-        base += read_dialogues(cfg.data.train)
-    mixed = list(base)
-    rng = random.Random(seed)
-    for index, source in enumerate(cfg.sft.sources):
-        mixed += mix_source(read_source(source, index), source.weight, len(base), rng)
-    if not mixed:
-        raise BadInput("sft: no demonstration dialogues (set data.task, data.train or sft.sources, "
-                       "and check that sft.sources weights are not too small to draw one dialogue)")
-    return mixed
 
 
 def encode_dialogues(tokenizer, dialogues: list[Dialogue], max_tokens: int) -> EncodedDialogues:

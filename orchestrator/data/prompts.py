@@ -1,21 +1,25 @@
-"""Prompts for PPO: conversations whose last turn is the user's, tokenized with the chat template.
+"""Prompts for comparisons, PPO and evaluation: conversations whose last turn is the user's,
+tokenized with the chat template.
 
-Sources: the built-in task (`data.task`) or a JSONL file (`data.train`) with one
-`{"messages": [{"role": ..., "content": ...}, ...]}` per line; a trailing assistant turn is
-dropped (the policy writes that one). Malformed lines are bad input naming file:line.
+Where they come from (`load_prompts`): the data.prompts sources if any, else the built-in
+task's prompts (`data.task`, `data.task_size` of them), else the data.sft demonstrations cut
+before their reply. Held-out prompts (`load_eval_prompts`): the first n of data.eval in file
+order, else the task's held-out prompts (another seed of its generator). Sources are JSONL
+files or local Hugging Face datasets in any format of data/sources.py; a trailing assistant
+turn is dropped (the policy writes that one). Malformed rows are bad input naming file:line.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.orchestrator.config import DataSourceConfig, ExperimentConfig
+from rlhf.orchestrator.data.sources import Dialogue, load_dialogues
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.tasks import arithmetic
 
-ROLES = ("system", "user", "assistant")
+EVAL_SEED_OFFSET = 10_000  # a task's held-out prompts come from another seed of its generator
 
 
 @dataclass
@@ -26,34 +30,43 @@ class PromptSet:
     rejected: int = 0           # prompts dropped for being longer (data.prompt_overflow: reject)
 
 
-def read_dialogues(path: str | Path) -> list[list[dict]]:
-    """Reads a dialogue JSONL file; raises BadInput naming file:line on the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"data: no such file: {path}")
-    dialogues = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            messages = json.loads(line)["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise ValueError("'messages' must be a non-empty list")
-            for m in messages:
-                if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise ValueError(f"each message needs role in {ROLES} and string content, got {m!r}"[:160])
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise BadInput(f"{path}:{lineno}: malformed dialogue: {err}") from None
-        dialogues.append(messages)
-    if not dialogues:
-        raise BadInput(f"{path}: empty dataset (no dialogues)")
-    return dialogues
+def read_dialogues(path: str | Path) -> list[Dialogue]:
+    """All dialogues of one messages-format JSONL file (BadInput names file:line)."""
+    return load_dialogues([DataSourceConfig(path=str(path))], "data", seed=0)
 
 
-def task_dialogues(task: str, n: int, seed: int) -> list[list[dict]]:
-    if task != "arithmetic":
-        raise BadInput(f"data.task: unknown task {task!r}; known: arithmetic")
-    return arithmetic.make_dialogues(n, seed=seed)
+def drop_reply(dialogue: Dialogue) -> Dialogue:
+    """The conversation before a trailing assistant turn (the one the policy writes)."""
+    return dialogue[:-1] if dialogue and dialogue[-1]["role"] == "assistant" else dialogue
+
+
+def load_prompts(cfg: ExperimentConfig, task) -> list[Dialogue]:
+    """Prompts for comparisons and PPO: data.prompts, else `task.prompts(data.task_size, seed)`
+    (`task` a `rlhf.orchestrator.tasks.Task` or None), else the data.sft dialogues."""
+    if cfg.data.prompts:
+        dialogues = load_dialogues(cfg.data.prompts, "data.prompts", cfg.seed)
+    elif task is not None:
+        dialogues = task.prompts(cfg.data.task_size, cfg.seed)
+    elif cfg.data.sft:
+        dialogues = load_dialogues(cfg.data.sft, "data.sft", cfg.seed)
+    else:
+        raise BadInput("data.prompts: no prompts (set data.prompts, data.task or data.sft)")
+    return [drop_reply(d) for d in dialogues]
+
+
+def load_eval_prompts(cfg: ExperimentConfig, task, n: int) -> list[Dialogue]:
+    """`n` held-out prompts: the first n of data.eval (file order, so every run sees the same),
+    else `task.eval_prompts(n, seed + EVAL_SEED_OFFSET)`."""
+    if cfg.data.eval:
+        prompts = [drop_reply(d) for d in load_dialogues(cfg.data.eval, "data.eval", cfg.seed)[:n]]
+        bad = sum(not p or p[-1]["role"] != "user" for p in prompts)
+        if bad:
+            raise BadInput(f"data.eval: {bad} of the first {len(prompts)} conversations do not end with a user "
+                           "turn (or an assistant reply after one)")
+        return prompts
+    if task is not None:
+        return task.eval_prompts(n, cfg.seed + EVAL_SEED_OFFSET)
+    raise BadInput("data.eval: no held-out prompts (set data.eval or data.task)")
 
 
 def build_prompts(dialogues: list[list[dict]], tokenizer, max_tokens: int, overflow: str) -> PromptSet:

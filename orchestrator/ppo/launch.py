@@ -21,11 +21,14 @@ from rlhf.orchestrator.run.checkpoint import CheckpointManager
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
+from rlhf.orchestrator.ppo.judging import JudgePlan, Selection
 from rlhf.orchestrator.run.logger import RunLogger
 from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources
-from rlhf.orchestrator.data.prompts import build_prompts, prompt_batches, read_dialogues, task_dialogues
-from rlhf.orchestrator.run.rundir import prepare_run_dir, write_atomic
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
+from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
 from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
+from rlhf.orchestrator.tasks import load_task
 
 
 @dataclass
@@ -172,6 +175,8 @@ class PPOSession:
     prompts: object   # PromptSet
     batches: object   # iterator of prompt-index batches
     pgs: object       # PlacementGroups
+    tokenizer: object = None  # the policy's tokenizer
+    policy_path: str = ""     # folder the policy started from
 
     def close(self) -> None:
         self.trainer.close()
@@ -201,23 +206,25 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
     created = not out.exists()
     try:
         out = prepare_run_dir(out, cfg)
-        dialogues = read_dialogues(cfg.data.train) if cfg.data.train else \
-            task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
-        model_path = resolve_policy(cfg, out, dialogues)
+        task = load_task(cfg.data.task)
+        dialogues = load_prompts(cfg, task)
+        demos = load_sft_dialogues(cfg, task, cfg.seed) if cfg.ppo.ptx_coef > 0 and ptx_rows is None else None
+        # A tiny policy's tokenizer learns from whole demonstrations where there are some.
+        corpus = demos or (task.demonstrations(cfg.data.task_size, cfg.seed)
+                           if task is not None and cfg.model.policy == "tiny" else dialogues)
+        model_path = resolve_policy(cfg, out, corpus)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
         prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
+        if demos is not None:
+            ptx_rows = encode_dialogues(tokenizer, demos, cfg.sft.max_tokens).rows
         start_ray(address, int(plan.total("CPU")))
         pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
     except BadInput:
         if created:  # nothing half-written: the folder this call made goes again
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if cfg.ppo.ptx_coef > 0 and ptx_rows is None:
-        from rlhf.orchestrator.data.dialogues import encode_dialogues
-
-        ptx_rows = encode_dialogues(tokenizer, dialogues, cfg.sft.max_tokens).rows
     try:
         roles = launch_roles(cfg, model_paths(cfg, model_path, reference), pgs, timeout_s)
         if cfg.ppo.ptx_coef > 0:
@@ -229,7 +236,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         raise
     trainer = PPOTrainer(cfg, roles, prompts, tokenizer.pad_token_id, timeout_s)
     batches = prompt_batches(len(prompts.token_ids), cfg.ppo.prompts_per_step, cfg.seed)
-    return PPOSession(cfg, out, roles, trainer, prompts, batches, pgs)
+    return PPOSession(cfg, out, roles, trainer, prompts, batches, pgs, tokenizer, model_path)
 
 
 def _learner_groups(roles: Roles) -> list[tuple[str, LearnerGroup]]:
@@ -276,10 +283,14 @@ def restore_checkpoint(session: PPOSession, ckpts: CheckpointManager, timeout_s:
 
 def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
             address: str | None = None, timeout_s: float = 600.0, reference: str | None = None,
-            resume: bool = False) -> dict:
+            resume: bool = False, judge: JudgePlan | None = None) -> dict:
     """`rlhf ppo`: the steps with a progress bar, metrics to the logger, a resumable checkpoint
     every checkpoint.every steps and at the end, the final policy saved as an HF folder.
-    `resume`: continue after the latest complete checkpoint in `out_dir` (fresh if none)."""
+    `resume`: continue after the latest complete checkpoint in `out_dir` (fresh if none).
+    `judge` (the pipeline's guard against over-optimisation, ppo/judging.py): score a held-out
+    sample before step 1 and every `judge.every` steps, keep the best step's policy in
+    checkpoints/best/policy, stop early after `judge.patience` evaluations below the best; the
+    returned `policy_dir` is then the selected policy (the starting one if no step beat it)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -287,10 +298,17 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
     steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
     ckpts = CheckpointManager(session.out / "checkpoints", cfg.checkpoint.keep)
     policy_dir = session.out / "checkpoints" / "final" / "policy"
-    logger = None
+    best_dir = session.out / "checkpoints" / "best" / "policy"
+    logger, stopped = None, None
     try:
         done, history = restore_checkpoint(session, ckpts, timeout_s) if resume else (0, [])
         logger = RunLogger(session.out, cfg.logger, cfg.name, cfg.model_dump(mode="json"), append=done > 0)
+        selection = Selection.replay(judge.patience, history) if judge else None
+        if judge and done == 0:  # step 0: the starting policy is a candidate too
+            row = {"step": 0, "eval/labeler_score": judge.judge.evaluate(session.roles.rollout, session.tokenizer)}
+            selection.update(0, row["eval/labeler_score"])
+            logger.log(row)
+            history.append(row)
         bar = tqdm(range(done + 1, steps + 1), desc="ppo", unit="step", dynamic_ncols=True, initial=done, total=steps)
         batch = next(session.batches)
         for step in bar:
@@ -301,19 +319,43 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
             batch = upcoming
             metrics["data/prompts_truncated"] = session.prompts.truncated
             metrics["data/prompts_rejected"] = session.prompts.rejected
+            if judge and judge.due(step, steps):
+                metrics["eval/labeler_score"] = judge.judge.evaluate(session.roles.rollout, session.tokenizer)
+                if selection.update(step, metrics["eval/labeler_score"]) and judge.select == "best":
+                    _save_policy(session, best_dir, timeout_s)
+                stopped = step if selection.should_stop else None
             logger.log(metrics)
             history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}")
-            if step == steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
+                            **({"judge": f"{selection.history[-1][1]:.3f}"} if selection and selection.history else {}))
+            if stopped or step == steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save_checkpoint(session, ckpts, step, timeout_s)
-        wait_all(session.roles.policy.call_all("save_pretrained", str(policy_dir)), timeout_s,
-                 "policy save_pretrained")
+            if stopped:
+                print(f"ppo: stopping early after step {step}: the judge's held-out score stayed below its best "
+                      f"({selection.best_score:.3f} at step {selection.best_step}) for {judge.patience} evaluations")
+                break
+        _save_policy(session, policy_dir, timeout_s)
     finally:
         if logger is not None:
             logger.close()
         session.close()
-    first, last = history[0], history[-1]
-    print(f"ppo done: {steps} steps in {time.perf_counter() - started:.0f}s; reward/mean "
+    trained = [r for r in history if "reward/mean" in r]
+    first, last = trained[0], trained[-1]
+    selected, chosen = last["step"], policy_dir
+    if judge and judge.select == "best":
+        selected = selection.best_step
+        chosen = best_dir if selected > 0 else Path(session.policy_path)
+    print(f"ppo done: {last['step']} steps in {time.perf_counter() - started:.0f}s; reward/mean "
           f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, kl/mean {last['kl/mean']:.3f}; "
-          f"policy in {policy_dir}")
-    return {"history": history, "policy_dir": policy_dir, "out": session.out}
+          + (f"judge {selection.history[0][1]:.3f} -> best {selection.best_score:.3f} at step {selected}; "
+             if selection else "") + f"policy in {chosen}")
+    return {"history": history, "policy_dir": chosen, "out": session.out, "selected_step": selected,
+            "stopped_early": stopped is not None, "last_policy_dir": policy_dir}
+
+
+def _save_policy(session: PPOSession, dest: Path, timeout_s: float) -> None:
+    """The policy as an HF folder at `dest`, replaced atomically (written next to it, renamed)."""
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    wait_all(session.roles.policy.call_all("save_pretrained", str(tmp)), timeout_s, "policy save_pretrained")
+    replace_folder(tmp, dest)

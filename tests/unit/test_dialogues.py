@@ -1,4 +1,5 @@
-"""SFT demonstrations: loading, mixing by weight, bad lines, assistant masks, truncation."""
+"""SFT demonstrations and prompts: where they come from (task, data.sft, data.prompts,
+data.eval), mixing by weight, bad lines, assistant masks, truncation."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,8 @@ import json
 import pytest
 
 from rlhf.orchestrator.config import build_config
-from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues, read_instructions
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.data.prompts import EVAL_SEED_OFFSET, load_eval_prompts, load_prompts
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.tasks import arithmetic
 from rlhf.orchestrator.models.tiny import IM_END, train_tokenizer
@@ -17,8 +19,39 @@ def _write(path, lines):
     return str(path)
 
 
-def _cfg(**sections):
-    return build_config({"data": {"task": "arithmetic", "task_size": 20}, **sections})
+class FakeTask:
+    """Records the (n, seed) of each call; dialogues say which method and seed made them."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def _make(self, kind, n, seed, reply):
+        self.calls.append((kind, n, seed))
+        turns = [[{"role": "user", "content": f"{kind}-{seed}-{k}"}] for k in range(n)]
+        return [t + [{"role": "assistant", "content": "r"}] for t in turns] if reply else turns
+
+    def demonstrations(self, n, seed):
+        return self._make("demo", n, seed, reply=True)
+
+    def prompts(self, n, seed):
+        return self._make("prompt", n, seed, reply=False)
+
+    def eval_prompts(self, n, seed):
+        return self._make("eval", n, seed, reply=False)
+
+    def score(self, messages, reply):
+        return 0.0
+
+
+def _cfg(**data):
+    return build_config({"seed": 3, "data": {"task": None, "task_size": 4, **data}})
+
+
+def _dialogues(tmp_path, name, n, tag):
+    return _write(tmp_path / name, [{"messages": [{"role": "user", "content": f"{tag}{k}"},
+                                                  {"role": "assistant", "content": "a"}]} for k in range(n)])
 
 
 @pytest.fixture(scope="module")
@@ -27,70 +60,70 @@ def tokenizer():
     return train_tokenizer(corpus + ["Say hi. Hi there!"], vocab_size=320)
 
 
-def test_instruction_pairs_become_two_turn_dialogues(tmp_path):
-    path = _write(tmp_path / "inst.jsonl", [{"instruction": "Say hi.", "response": "Hi!"}, "",
-                                            {"instruction": "Count.", "response": "1 2 3", "extra": 1}])
-    assert read_instructions(path) == [
-        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}],
-        [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1 2 3"}]]
+def test_task_demonstrations_come_first_then_data_sft_by_weight(tmp_path):
+    inst = _write(tmp_path / "inst.jsonl", [{"prompt": f"i{k}", "response": "r"} for k in range(3)])
+    cfg = _cfg(sft=[{"path": inst, "format": "prompt_response", "weight": 2},
+                    {"path": _dialogues(tmp_path, "d.jsonl", 10, "u"), "weight": 0.3}])
+    task = FakeTask()
+    mixed = load_sft_dialogues(cfg, task, seed=7)
+    assert task.calls == [("demo", 4, 7)]  # data.task_size demonstrations from the given seed
+    assert [d[0]["content"] for d in mixed[:4]] == [f"demo-7-{k}" for k in range(4)]
+    assert [d[0]["content"] for d in mixed[4:10]] == ["i0", "i1", "i2"] * 2  # weight 2: two copies
+    assert len(mixed) == 4 + 6 + 3 and {d[0]["content"][0] for d in mixed[10:]} == {"u"}  # round(0.3 x 10)
+    assert load_sft_dialogues(cfg, FakeTask(), seed=7) == mixed
+    assert load_sft_dialogues(cfg, None, seed=7) == mixed[4:]  # no task: files only
 
 
-@pytest.mark.parametrize("bad", ['{"instruction": "x"}', "not json", '{"instruction": 1, "response": "y"}', "[1]"])
-def test_malformed_instruction_line_names_file_and_line(tmp_path, bad):
-    path = _write(tmp_path / "inst.jsonl", [{"instruction": "a", "response": "b"}, bad])
-    cfg = _cfg(sft={"sources": [{"path": path, "format": "instruction"}]})
-    with pytest.raises(BadInput, match=r"inst\.jsonl:2: malformed instruction pair"):
-        load_sft_dialogues(cfg, seed=0)
+def test_malformed_sft_line_names_file_and_line(tmp_path):
+    path = _write(tmp_path / "inst.jsonl", [{"prompt": "a", "response": "b"}, '{"prompt": "x"}'])
+    with pytest.raises(BadInput, match=r"inst\.jsonl:2: malformed prompt/response pair: missing field 'response'"):
+        load_sft_dialogues(_cfg(sft=[{"path": path, "format": "prompt_response"}]), None, seed=0)
 
 
-def test_malformed_dialogue_source_names_file_and_line(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q"}]}, {"messages": []}])
-    with pytest.raises(BadInput, match=r"d\.jsonl:2: malformed dialogue"):
-        load_sft_dialogues(_cfg(sft={"sources": [{"path": path}]}), seed=0)
+def test_missing_sft_file_names_the_key(tmp_path):
+    with pytest.raises(BadInput, match=r"^data\.sft\.0\.path: no such file"):
+        load_sft_dialogues(_cfg(sft=[str(tmp_path / "nope.jsonl")]), FakeTask(), seed=0)
 
 
-def test_missing_source_file_names_the_key(tmp_path):
-    with pytest.raises(BadInput, match=r"sft\.sources\.0\.path: no such file"):
-        load_sft_dialogues(_cfg(sft={"sources": [{"path": str(tmp_path / "nope.jsonl")}]}), seed=0)
+def test_no_demonstrations_is_bad_input():
+    with pytest.raises(BadInput, match=r"^data\.sft: no demonstrations \(set data\.task or data\.sft\)$"):
+        load_sft_dialogues(_cfg(), None, seed=0)
 
 
-def test_sources_mixed_in_by_weight(tmp_path):
-    small = _write(tmp_path / "small.jsonl", [{"instruction": f"i{k}", "response": f"r{k}"} for k in range(3)])
-    big = _write(tmp_path / "big.jsonl",
-                 [{"messages": [{"role": "user", "content": f"u{k}"}, {"role": "assistant", "content": f"a{k}"}]}
-                  for k in range(50)])
-    cfg = _cfg(sft={"sources": [{"path": small, "format": "instruction", "weight": 0.5},
-                                {"path": big, "weight": 0.25}]})
-    mixed = load_sft_dialogues(cfg, seed=1)
-    base = arithmetic.make_dialogues(20, seed=1)
-    assert mixed[:20] == base
-    from_small = [d for d in mixed if d[0]["content"].startswith("i")]
-    from_big = [d for d in mixed if d[0]["content"].startswith("u")]
-    assert len(mixed) == 20 + 10 + 5
-    assert len(from_small) == 10 and len(from_big) == 5  # round(0.5 * 20), round(0.25 * 20)
-    assert len({d[0]["content"] for d in from_big}) == 5  # enough rows: drawn without replacement
-    assert {d[0]["content"] for d in from_small} <= {"i0", "i1", "i2"}  # too few: with replacement
-    assert load_sft_dialogues(cfg, seed=1) == mixed  # seeded
-    assert load_sft_dialogues(cfg, seed=2) != mixed
+def test_prompts_from_data_prompts_then_task_then_sft(tmp_path):
+    prompts_file = _dialogues(tmp_path, "p.jsonl", 2, "p")
+    sft_file = _dialogues(tmp_path, "s.jsonl", 3, "s")
+    task = FakeTask()
+    got = load_prompts(_cfg(prompts=[prompts_file], sft=[sft_file]), task)
+    assert got == [[{"role": "user", "content": "p0"}], [{"role": "user", "content": "p1"}]]  # reply dropped
+    assert task.calls == []
+    assert load_prompts(_cfg(sft=[sft_file]), task)[0] == [{"role": "user", "content": "prompt-3-0"}]
+    assert task.calls == [("prompt", 4, 3)]  # data.task_size prompts, seed = cfg.seed
+    assert load_prompts(_cfg(sft=[sft_file]), None) == [[{"role": "user", "content": f"s{k}"}] for k in range(3)]
+    with pytest.raises(BadInput, match=r"^data\.prompts: no prompts"):
+        load_prompts(_cfg(), None)
 
 
-def test_without_base_set_a_source_contributes_its_size_times_weight(tmp_path):
-    path = _write(tmp_path / "inst.jsonl", [{"instruction": f"i{k}", "response": "r"} for k in range(8)])
-    cfg = build_config({"data": {"task": None}, "sft": {"sources": [{"path": path, "format": "instruction",
-                                                                     "weight": 1.5}]}})
-    assert len(load_sft_dialogues(cfg, seed=0)) == 12
+def test_eval_prompts_first_n_of_data_eval_else_task(tmp_path):
+    eval_file = _dialogues(tmp_path, "e.jsonl", 5, "e")
+    task = FakeTask()
+    got = load_eval_prompts(_cfg(eval=[eval_file]), task, 3)
+    assert got == [[{"role": "user", "content": f"e{k}"}] for k in range(3)]  # file order, reply dropped
+    assert task.calls == []
+    assert len(load_eval_prompts(_cfg(), task, 2)) == 2 and task.calls == [("eval", 2, 3 + EVAL_SEED_OFFSET)]
+    with pytest.raises(BadInput, match=r"^data\.eval: no held-out prompts"):
+        load_eval_prompts(_cfg(), None, 2)
+    odd = _write(tmp_path / "odd.jsonl", [{"messages": [{"role": "system", "content": "s"}]}])
+    with pytest.raises(BadInput, match=r"^data\.eval: 1 of the first 1 conversations do not end with a user"):
+        load_eval_prompts(_cfg(eval=[odd]), task, 2)
 
 
-def test_data_train_dialogues_count_as_demonstrations(tmp_path):
-    path = _write(tmp_path / "train.jsonl",
-                  [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 4)
-    cfg = build_config({"data": {"task": "arithmetic", "task_size": 6, "train": path}})
-    assert len(load_sft_dialogues(cfg, seed=0)) == 10
+def test_builtin_arithmetic_task_feeds_sft():
+    from rlhf.orchestrator.tasks import load_task
 
-
-def test_empty_result_is_bad_input():
-    with pytest.raises(BadInput, match="no demonstration dialogues"):
-        load_sft_dialogues(build_config({"data": {"task": None}}), seed=0)
+    cfg = build_config({"data": {"task": "arithmetic", "task_size": 6}})
+    demos = load_sft_dialogues(cfg, load_task("arithmetic"), seed=0)
+    assert len(demos) == 6 and all(d[-1]["role"] == "assistant" for d in demos)
 
 
 def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
