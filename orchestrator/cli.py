@@ -4,12 +4,15 @@
     rlhf config keys                                 every key with type, default, meaning
     rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
     rlhf sft CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
+    rlhf rm CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
     rlhf pipeline CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
     rlhf submit CONFIG [overrides] --address http://HEAD:8265 [--stage S] [--no-wait] [--retries N]
     rlhf jobs list|status ID|logs ID [--follow]|stop ID [--address ...]
     rlhf plan CONFIG [overrides] [--cluster FILE] [--node-type NAME]   placement + GPU memory, exit 2 if it does not fit
+    rlhf eval CONFIG A B [overrides] [--prompts FILE] [--samples N] [--out FILE.json]   win rate of A over B
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
 
+Dotted overrides follow CONFIG and may come before, between or after the options.
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
 """
 from __future__ import annotations
@@ -22,10 +25,36 @@ from rlhf.orchestrator.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, Bad
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+    """argparse, but usage errors are one line and exit 2 like every other bad input, and a
+    leaf command takes its positionals (CONFIG, dotted overrides) before, between or after its
+    options.
+
+    Plain argparse stops collecting `nargs="*"` positionals at the first option, so
+    `rlhf ppo CONFIG --out DIR a.b=1` fails with "unrecognized arguments". Intermixed parsing
+    fixes that, but refuses a parser that has subcommands, so it applies per leaf parser: the
+    top parser (and `config`, `jobs`) pick the command as usual, and the subparsers action
+    then calls the leaf's parse_known_args, which parses intermixed."""
+
+    _intermixing = False  # set while parse_known_intermixed_args calls back into parse_known_args
 
     def error(self, message: str):
         raise BadInput(f"{self.prog}: {message} (see {self.prog} --help)")
+
+    def add_argument(self, *names, **kwargs):
+        if kwargs.get("nargs") == "*" and names and not names[0].startswith("-"):
+            # With a default it is optional; without, intermixed parsing names it among the
+            # missing "required" arguments when CONFIG is missing.
+            kwargs.setdefault("default", [])
+        return super().add_argument(*names, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _cmd_config_show(args) -> int:
@@ -45,33 +74,70 @@ def _cmd_config_keys(args) -> int:
     return EXIT_OK
 
 
-def _cmd_ppo(args) -> int:
+def _load(args):
+    """The command's config, loaded before the stage's modules (torch, Ray) are imported: a
+    bad config or override fails in a fraction of a second."""
     from rlhf.orchestrator.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_ppo(args) -> int:
+    cfg = _load(args)
     from rlhf.orchestrator.ppo.launch import run_ppo
 
-    cfg = load_config(args.config, args.overrides)
     run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address,
             resume=args.resume)
     return EXIT_OK
 
 
 def _cmd_pipeline(args) -> int:
-    from rlhf.orchestrator.config import load_config
+    cfg = _load(args)
     from rlhf.orchestrator.recipe.pipeline import run_pipeline
 
-    cfg = load_config(args.config, args.overrides)
     run_pipeline(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, resume=args.resume,
                  max_steps=args.max_steps)
     return EXIT_OK
 
 
 def _cmd_sft(args) -> int:
-    from rlhf.orchestrator.config import load_config
+    cfg = _load(args)
     from rlhf.orchestrator.recipe.pipeline import run_sft_stage
 
-    cfg = load_config(args.config, args.overrides)
     run_sft_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
     return EXIT_OK
+
+
+def _cmd_rm(args) -> int:
+    cfg = _load(args)
+    from rlhf.orchestrator.recipe.stages import run_rm_stage
+
+    run_rm_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
+    return EXIT_OK
+
+
+def _cmd_eval(args) -> int:
+    cfg = _load(args)
+    from rlhf.orchestrator.recipe.evaluate import format_result, run_eval
+
+    result = run_eval(cfg, args.a, args.b, prompts_file=args.prompts, samples=args.samples, out=args.out)
+    print(format_result(result))
+    return EXIT_OK
+
+
+def _add_eval(sub) -> None:
+    cmd = sub.add_parser("eval", help="win rate of checkpoint A over B on the eval prompts, as the judge "
+                                      "scores them, with a 95 %% CI")
+    cmd.add_argument("config", help="experiment YAML: task, judge, eval prompts, sampling (rollout.*)")
+    cmd.add_argument("a", metavar="A", help="model folder A, e.g. runs/NAME/checkpoints/final/policy")
+    cmd.add_argument("b", metavar="B", help="model folder B, e.g. runs/NAME/sft/checkpoint")
+    cmd.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    cmd.add_argument("--prompts", default=None, metavar="FILE",
+                     help='JSONL of {"messages": [...]} ending with a user turn (default: the config\'s eval prompts)')
+    cmd.add_argument("--samples", type=_positive_int, default=None,
+                     help="replies per prompt and model (default: pipeline.eval_samples)")
+    cmd.add_argument("--out", default=None, metavar="FILE.json", help="also write the result as JSON")
+    cmd.set_defaults(func=_cmd_eval)
 
 
 def _add_run_command(sub, name: str, help: str, func, resume: bool = False) -> None:
@@ -132,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run_command(sub, "ppo", "PPO against the configured reward, on Ray", _cmd_ppo, resume=True)
     _add_run_command(sub, "sft", "supervised fine-tuning on demonstrations (Ray Train + DeepSpeed)", _cmd_sft)
+    _add_run_command(sub, "rm", "reward model on preference pairs (data.comparisons) and OUT/comparisons.sqlite",
+                     _cmd_rm)
     _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
                      _cmd_pipeline, resume=True)
+    _add_eval(sub)
     _add_chat(sub)
     from rlhf.orchestrator.cluster.jobs import register as register_jobs
 

@@ -1,14 +1,27 @@
 """`rlhf submit` and `rlhf jobs`: the same runs, sent to a Ray cluster as Ray jobs.
 
-    rlhf submit CONFIG [overrides] [--stage pipeline|ppo|sft] [--address http://HEAD:8265]
+    rlhf submit CONFIG [overrides] [--stage pipeline|ppo|sft|rm] [--address http://HEAD:8265]
                 [--out DIR] [--max-steps N] [--no-wait] [--retries N] [--env KEY[=VALUE] ...]
     rlhf jobs list | status ID | logs ID [--follow] | stop ID   [--address ...]
 
-A job runs `python -m rlhf.orchestrator.cli STAGE CONFIG ... --address auto` on the
-cluster's head, with this checkout as its working directory (configs, data) and this
-checkout's code (orchestrator/, actors/, kernels/) shipped as the `rlhf` package to every
+A job runs `PYTHON -m rlhf.orchestrator.cli STAGE CONFIG ... --address auto` on the
+cluster's head, with the folder `rlhf submit` is run from as its working directory (configs,
+data; `--working-dir` picks another, as in `ray job submit --working-dir .`) and this
+install's code (orchestrator/, actors/, kernels/) shipped as the `rlhf` package to every
 worker of the job, so the cluster runs exactly the code that was submitted; the nodes
 only need the dependencies (deploy/azure/cluster.yaml installs them).
+
+PYTHON is the interpreter that runs Ray on the head, not whatever `python` the head's PATH
+finds: a head started as `/opt/venv/bin/ray start --head` without the venv activated would
+otherwise run the entrypoint under a Python without Ray (`No module named 'ray'`). Ray runs
+an entrypoint with `/bin/sh -c` as a child of the job's supervisor, a Ray worker, whose
+parent is the node's raylet; the raylet's command line names the interpreter it starts
+Python workers with (`--python_worker_command=/opt/venv/bin/python3 ...`). So the entrypoint
+walks up its ancestors in /proc to the first one with that flag and runs under its first
+word, falling back to `python` where there is none (no /proc, another launcher). The
+supervisor's own command line does not help: Ray retitles its workers (`ray::JobSupervisor`).
+Asking before submitting cannot work either: the job API does not report the head's
+interpreter, and a probe job's entrypoint would run into the same PATH.
 
 On one CPU machine: `ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1`
 (with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN set), then `rlhf submit configs/ppo-tiny.yaml
@@ -42,7 +55,7 @@ from rlhf.orchestrator.errors import EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCall
 from rlhf.orchestrator.run.secrets import Redactor, is_secret_name, redact_env
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-STAGES = ("pipeline", "ppo", "sft")
+STAGES = ("pipeline", "ppo", "sft", "rm")
 CODE_PACKAGES = ("orchestrator", "actors", "kernels")
 # Never uploaded: environments, run outputs, caches, VCS data (deploy/runtime_env.yaml
 # lists the same for `ray job submit --runtime-env`; a unit test keeps them equal).
@@ -115,12 +128,6 @@ def parse_env(items: list[str], environ=os.environ) -> dict[str, str]:
     return env
 
 
-def project_root() -> Path:
-    """The checkout this `rlhf` runs from (editable install), else the current folder."""
-    here = Path(__file__).resolve().parents[1]
-    return here if (here / "pyproject.toml").is_file() and (here / "orchestrator").is_dir() else Path.cwd()
-
-
 def config_in_working_dir(config: str, working_dir: Path) -> str:
     """CONFIG as a path relative to the working directory the job starts in."""
     path = Path(config).resolve()
@@ -130,7 +137,7 @@ def config_in_working_dir(config: str, working_dir: Path) -> str:
         return path.relative_to(working_dir.resolve()).as_posix()
     except ValueError:
         raise BadInput(f"config {config}: outside the uploaded working directory {working_dir}; "
-                       f"put it under that folder or pass --working-dir") from None
+                       f"run rlhf submit from a folder that holds it or pass --working-dir") from None
 
 
 # The `rlhf` subcommand parsers, handed over by `register` (so this module never imports the CLI).
@@ -142,17 +149,38 @@ def stage_supports_resume(stage: str) -> bool:
     return any("--resume" in action.option_strings for action in _STAGE_PARSERS[stage]._actions)
 
 
-def build_entrypoint(stage: str, config: str, overrides: list[str], out: str | None,
-                     max_steps: int | None, resume: bool) -> str:
-    """The shell command the job runs; `--address auto` joins the cluster the job runs on."""
-    parts = ["python", "-m", "rlhf.orchestrator.cli", stage, config, *overrides, "--address", "auto"]
+# Sets $PY to the raylet's Python worker interpreter, found by walking up from the entrypoint's
+# shell through /proc (module docstring); empty when no ancestor has the flag. POSIX sh only.
+HEAD_PYTHON = ("p=$PPID; PY=; while [ -z \"$PY\" ] && [ \"${p:-0}\" -gt 1 ] 2>/dev/null; do "
+               "PY=$(tr '\\0' '\\n' < /proc/$p/cmdline 2>/dev/null | "
+               "sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
+               "p=$(sed 's/.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f2); done; ")
+RUN_PREFIX = HEAD_PYTHON + 'exec "${PY:-python}"'
+
+
+def cli_args(stage: str, config: str, overrides: list[str], out: str | None,
+             max_steps: int | None, resume: bool) -> list[str]:
+    """The interpreter's arguments; `--address auto` joins the cluster the job runs on."""
+    parts = ["-m", "rlhf.orchestrator.cli", stage, config, *overrides, "--address", "auto"]
     if out:
         parts += ["--out", out]
     if max_steps:
         parts += ["--max-steps", str(max_steps)]
     if resume:
         parts.append("--resume")
-    return shlex.join(parts)
+    return parts
+
+
+def build_entrypoint(stage: str, config: str, overrides: list[str], out: str | None,
+                     max_steps: int | None, resume: bool) -> str:
+    """The shell command the job runs: `rlhf STAGE ...` under the head's Ray interpreter."""
+    return f"{RUN_PREFIX} {shlex.join(cli_args(stage, config, overrides, out, max_steps, resume))}"
+
+
+def shown(entrypoint: str) -> str:
+    """An entrypoint for the console: the interpreter lookup as one word (`rlhf jobs status`
+    shows it whole)."""
+    return entrypoint.replace(RUN_PREFIX, "<head's ray python>")
 
 
 def stage_code(into: Path) -> Path:
@@ -190,7 +218,7 @@ def build_runtime_env(working_dir: Path, env: dict[str, str], code: Path | None)
 def describe_runtime_env(runtime_env: dict, source: Path) -> str:
     """One line for the console: where the files came from, variables with secrets masked."""
     env = redact_env(runtime_env.get("env_vars", {}))
-    code = "this checkout's orchestrator/ actors/ kernels/ as rlhf" if runtime_env.get("py_modules") else "none"
+    code = "this install's orchestrator/ actors/ kernels/ as rlhf" if runtime_env.get("py_modules") else "none"
     return (f"working_dir={source} (without {' '.join(WORKING_DIR_EXCLUDES)}) env_vars={env} "
             f"py_modules={code}")
 
@@ -253,7 +281,7 @@ def cmd_submit(args) -> int:
     from rlhf.orchestrator.config import load_config
 
     _check_submit_args(args)
-    working_dir = Path(args.working_dir).resolve() if args.working_dir else project_root()
+    working_dir = Path(args.working_dir or ".").resolve()
     config = config_in_working_dir(args.config, working_dir)
     cfg = load_config(args.config, args.overrides)  # bad configs fail here, not on the cluster
     env = parse_env(args.env)
@@ -271,7 +299,7 @@ def cmd_submit(args) -> int:
                                 metadata={"rlhf_stage": args.stage, "rlhf_config": config,
                                           "rlhf_attempt": str(attempt)})
             print(job_id)
-            print(f"submitted to {args.address}: {redactor(entrypoint)}", file=sys.stderr)
+            print(f"submitted to {args.address}: {redactor(shown(entrypoint))}", file=sys.stderr)
             print(f"runtime env: {redactor(describe_runtime_env(runtime_env, working_dir))}", file=sys.stderr)
             if args.no_wait:
                 print(f"follow: rlhf jobs logs {job_id} --follow --address {args.address}", file=sys.stderr)
@@ -328,7 +356,7 @@ def cmd_list(args) -> int:
         jobs = client.list_jobs()
     for job in sorted(jobs, key=lambda j: j.start_time or 0):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000))
-        print(f"{job.submission_id or job.job_id:<44} {job.status!s:<10} {started}  {redactor(job.entrypoint)}")
+        print(f"{job.submission_id or job.job_id:<44} {job.status!s:<10} {started}  {redactor(shown(job.entrypoint))}")
     return EXIT_OK
 
 
@@ -411,7 +439,8 @@ def register(sub) -> None:
                              "Printed masked if a secret, but visible to every holder of the cluster "
                              "token (deploy/README.md, trust model)")
     submit.add_argument("--working-dir", default=None,
-                        help="folder uploaded as the job's working directory (default: this checkout)")
+                        help="folder uploaded as the job's working directory, holding CONFIG "
+                             "(default: the current folder, as `ray job submit --working-dir .`)")
     submit.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
     """Creates (or reuses) the output folder and writes the resolved config.yaml.
 
     A folder that already holds a config of a different experiment (another `name`) is
-    refused rather than mixed into.
+    refused rather than mixed into; one that cannot be created or written is BadInput
+    naming it.
     """
     # Absolute: actors and Ray Train workers run in other working directories.
     out = Path(out_dir).resolve()
@@ -50,9 +52,18 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
         if old_name != cfg.name:
             raise BadInput(f"output folder {out} holds a different experiment ({old_name!r}, "
                            f"not {cfg.name!r}); choose another --out")
-    # Secrets come from the environment only; should one have reached a config value, the
-    # file on disk still shows "***", never the value.
-    write_atomic(existing, redact(to_yaml(cfg)))
+    # A path that cannot be made (under a file, on a read-only or pseudo file system) is the
+    # user's input, named in one line; write_atomic leaves no temporary file behind.
+    step = "created"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        step = "written"
+        # Secrets come from the environment only; should one have reached a config value, the
+        # file on disk still shows "***", never the value.
+        write_atomic(existing, redact(to_yaml(cfg)))
+    except OSError as err:
+        raise BadInput(f"output folder {out}: cannot be {step} ({err.strerror or type(err).__name__}); "
+                       f"choose another --out") from None
     return out
 
 
@@ -78,3 +89,16 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def replace_folder(src: Path, dest: Path) -> None:
+    """Moves the finished folder `src` to `dest`, replacing an old `dest` (a rename cannot
+    replace a non-empty folder, so the old one steps aside first and is deleted after).
+    `src` should be a sibling of `dest` (same filesystem) so each step is one rename."""
+    src, dest = Path(src), Path(dest)
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    src.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,11 @@
 """`rlhf submit` / `rlhf jobs` against a real Ray head with token authentication.
 
-The test owns its head: `ray start --head --block` on loopback, as a subprocess, with
-RAY_AUTH_MODE=token and a random token; ending that process ends the cluster
-(ENVIRONMENT.md). A submission without the token (or with a wrong one) is refused with one
+The test owns its head: `.venv/bin/ray start --head --block` on loopback, as a subprocess,
+with RAY_AUTH_MODE=token and a random token; ending that process ends the cluster
+(ENVIRONMENT.md). The head runs like one started from a venv that is not activated: the
+venv is not on its PATH, and the `python` its PATH finds first is a stand-in that cannot
+run anything, so the job succeeds only because its entrypoint runs under the interpreter
+that runs Ray. A submission without the token (or with a wrong one) is refused with one
 line naming the address; with it, a 2-step PPO smoke run (vLLM-CPU engine, DeepSpeed
 learners) succeeds, `rlhf jobs status|logs|list|stop` report on it, the run folder holds
 config.yaml and 2 metric rows, and a planted secret appears nowhere: not in the run folder,
@@ -72,6 +75,18 @@ def _wait_for_dashboard(proc: subprocess.Popen, url: str, log: Path, timeout_s: 
     pytest.fail(f"Ray dashboard at {url} did not come up in {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def _path_without_the_venv(root: Path) -> str:
+    """This PATH without the venv's bin folder, behind a folder whose `python` and `python3`
+    fail loudly: what a head started by `/abs/.venv/bin/ray start` from a plain shell sees."""
+    wrong = root / "wrong-bin"
+    wrong.mkdir()
+    for name in ("python", "python3"):
+        (wrong / name).write_text("#!/bin/sh\necho \"not the head's Ray python: $0\" >&2\nexit 97\n")
+        (wrong / name).chmod(0o755)
+    kept = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != BIN.resolve()]
+    return os.pathsep.join([str(wrong), *kept])
+
+
 @pytest.fixture(scope="module")
 def head():
     """A Ray head with token auth on loopback, owned by this module; yields (address, token, temp dir)."""
@@ -79,8 +94,8 @@ def head():
     # Short path: Ray's socket paths under the temp dir must stay under 107 characters.
     root = Path(tempfile.mkdtemp(prefix="rlhf-head-", dir="/tmp"))
     gcs, dash, client, agent_http, agent_grpc, metrics, runtime_env = _free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "HF_TOKEN": PLANTED_HEAD, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token, "HF_TOKEN": PLANTED_HEAD, "PATH": _path_without_the_venv(root)}
     log = root / "head.log"
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
@@ -138,6 +153,7 @@ def test_submit_runs_ppo_and_jobs_report_on_it(head, tmp_path):
     job_id = result.stdout.splitlines()[0].strip()
     assert job_id.startswith("ppo-tiny-ppo-")
     assert "ppo done: 2 steps" in result.stdout  # the followed logs
+    assert "not the head's Ray python" not in printed
     assert f"job {job_id} SUCCEEDED" in result.stderr
 
     status = _rlhf(["jobs", "status", job_id, "--address", address], env, timeout_s=120)

@@ -5,8 +5,11 @@ nobody listens on is named in that line. (The real submission is tests/integrati
 """
 from __future__ import annotations
 
+import os
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +37,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 
 @pytest.mark.parametrize("argv, words", [
     (["submit"], "required: config"),
-    (["submit", CONFIG, "--stage", "rm"], "invalid choice"),
+    (["submit", CONFIG, "--stage", "chat"], "invalid choice"),
     (["submit", CONFIG, "--retries", "-1"], "--retries"),
     (["submit", CONFIG, "--max-steps", "0"], "--max-steps"),
     (["submit", CONFIG, "--retries", "1", "--no-wait", "--out", "/x"], "drop --no-wait"),
@@ -55,7 +58,38 @@ def test_config_outside_the_working_dir_is_refused(capsys, tmp_path):
     outside = tmp_path / "x.yaml"
     outside.write_text(Path(CONFIG).read_text())
     line = _one_line_error(capsys, ["submit", str(outside), "--address", "http://127.0.0.1:1"])
-    assert "outside the uploaded working directory" in line
+    assert "outside the uploaded working directory" in line and "--working-dir" in line
+
+
+def test_the_working_dir_is_the_current_folder(capsys, tmp_path, monkeypatch, fake_cluster):
+    """Run from a project folder outside this checkout: that folder is uploaded and CONFIG is
+    read relative to it; the package code still comes from this install."""
+    _, install = fake_cluster
+    client = install([("RUNNING", "")])
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text(Path(CONFIG).read_text())
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    seen = {}
+    real_snapshot = jobs.snapshot_working_dir
+
+    def snapshot(source, into):
+        seen["source"] = source
+        snap = real_snapshot(source, into)
+        seen["files"] = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
+        return snap
+
+    monkeypatch.setattr(jobs, "snapshot_working_dir", snapshot)
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "configs/mine.yaml", "--stage", "ppo", "--no-wait"]) == 0
+    assert seen == {"source": tmp_path.resolve(), "files": ["configs/mine.yaml", "data.jsonl"]}
+    (job,) = client.submitted
+    assert _cli_part(job["entrypoint"])[3] == "configs/mine.yaml"
+    assert job["metadata"]["rlhf_config"] == "configs/mine.yaml"
+    assert job["runtime_env"]["py_modules"]  # rlhf itself ships as code, not from the folder
+    # From another folder the same config is outside the upload: named, with the way out.
+    monkeypatch.chdir(tmp_path / "configs")
+    line = _one_line_error(capsys, ["submit", str(tmp_path / "configs" / "mine.yaml"), "--working-dir", "/proc/self"])
+    assert "--working-dir" in line
 
 
 def test_retries_need_a_stage_that_resumes(capsys, monkeypatch):
@@ -83,12 +117,57 @@ def test_default_address(monkeypatch):
     assert jobs.default_address() == "http://head:8265"
 
 
+def _cli_part(entrypoint: str) -> list[str]:
+    prelude, command = entrypoint.split(jobs.RUN_PREFIX + " ")
+    assert prelude == ""
+    return shlex.split(command)
+
+
 def test_entrypoint_quotes_overrides_and_adds_resume_only_when_asked():
     first = jobs.build_entrypoint("ppo", CONFIG, ["data.task=arithmetic", "name=a b"], "/runs/x", 2, resume=False)
-    assert shlex.split(first) == ["python", "-m", "rlhf.orchestrator.cli", "ppo", CONFIG, "data.task=arithmetic",
-                                  "name=a b", "--address", "auto", "--out", "/runs/x", "--max-steps", "2"]
+    assert _cli_part(first) == ["-m", "rlhf.orchestrator.cli", "ppo", CONFIG, "data.task=arithmetic",
+                                "name=a b", "--address", "auto", "--out", "/runs/x", "--max-steps", "2"]
     retry = jobs.build_entrypoint("pipeline", CONFIG, [], None, None, resume=True)
-    assert shlex.split(retry)[-1] == "--resume" and "--out" not in retry
+    assert _cli_part(retry)[-1] == "--resume" and "--out" not in retry
+    assert jobs.shown(retry) == (f"<head's ray python> -m rlhf.orchestrator.cli pipeline {CONFIG} "
+                                 "--address auto --resume")
+
+
+# Runs argv[1] through /bin/sh and exits with its status: a stand-in for a process tree.
+_RUN = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1], shell=True).returncode)"
+
+
+def _run_under_a_fake_raylet(entrypoint: str, worker_python: str) -> subprocess.CompletedProcess:
+    """`entrypoint` as Ray runs it: /bin/sh, child of the job supervisor (here a shell, whose
+    command line says nothing: Ray retitles its workers), child of the raylet, whose command
+    line carries --python_worker_command. PATH holds no `python` with Ray or rlhf (a head whose
+    venv is not active)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+    supervisor = f"/bin/sh -c {shlex.quote(entrypoint)}; exit $?"  # two commands: sh must not exec it away
+    raylet = [sys.executable, "-c", _RUN, supervisor,
+              f"--python_worker_command={worker_python} /ray/_private/workers/default_worker.py --x=1"]
+    return subprocess.run(raylet, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_entrypoint_runs_under_the_raylets_worker_python_not_the_path(tmp_path):
+    wrapper = tmp_path / "head-venv" / "bin" / "python3"  # marks its use, then is this venv's python
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\necho "worker python ran" >&2\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    found = _run_under_a_fake_raylet(jobs.HEAD_PYTHON + 'echo "$PY"', str(wrapper))
+    assert found.stdout.strip() == str(wrapper), found.stderr
+    # The real entrypoint reaches rlhf's CLI (a missing config: its one-line exit 2), so the
+    # interpreter imports rlhf with its dependencies although no PATH entry leads to it.
+    entrypoint = jobs.build_entrypoint("sft", "configs/missing.yaml", [], None, None, False)
+    ran = _run_under_a_fake_raylet(entrypoint, str(wrapper))
+    assert ran.returncode == 2 and "worker python ran" in ran.stderr, ran.stderr
+    assert "error: " in ran.stderr and "configs/missing.yaml" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_entrypoint_falls_back_to_python_without_a_raylet():
+    found = subprocess.run(["/bin/sh", "-c", jobs.HEAD_PYTHON + 'echo "${PY:-python}"'], capture_output=True,
+                           text=True)
+    assert found.stdout.strip() == "python" and found.stderr == ""
 
 
 def test_parse_env_takes_values_from_the_shell(monkeypatch):
