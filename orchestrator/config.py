@@ -238,8 +238,10 @@ class PipelineConfig(Section):
                                          "(the starting policy counts as step 0), or the last step's")
     patience: int = _f(3, "stop PPO early once the judge score has fallen for this many evaluations in a "
                        "row; 0 = never", ge=0)
-    kl_target: Optional[float] = _f(6.0, "adaptive KL target (nats per reply) the pipeline's PPO stages use when "
+    kl_target: Optional[float] = _f(3.0, "adaptive KL target (nats per reply) the pipeline's PPO stages use when "
                                     "ppo.kl.target is null; null = keep ppo.kl.coef fixed", gt=0)
+    kl_horizon: int = _f(512, "horizon (samples) of that adaptive controller; the pipeline's short PPO stages need "
+                         "one far below ppo.kl.horizon's 10,000 for the coefficient to move at all", gt=0)
 
 
 class ExperimentConfig(Section):

@@ -1,12 +1,18 @@
 """`rlhf pipeline`: the ChatGPT / InstructGPT recipe, resumable stage by stage.
 
-    SFT on demonstrations
+    SFT on demonstrations (the task's and/or data.sft files)
+    round 0: data.comparisons preference files, if any, go into the comparison store
     repeat for pipeline.rounds:
         collect comparisons: K replies from the newest policy, ranked by the labeler (SQLite)
         train the reward model on every comparison so far (from the SFT model)
-        PPO against the reward model with a KL penalty to the SFT model (critic from the RM)
-        evaluate on held-out prompts and write the round's report
+        PPO against the reward model with an (adaptive) KL penalty to the SFT model, the
+            critic from the RM, and the judge watching a held-out sample (best step kept,
+            early stop once it falls: ppo/judging.py)
+        evaluate on held-out prompts with the judge and write the round's report; the
+            policy handed on is the best one so far by that score (SFT counts)
 
+With `labeler.kind: human` the comparison stage stores the K replies unranked and the run
+stops (exit 0) until people have ranked `labeler.min_ranked` of them; `--resume` goes on.
 Every finished stage is recorded in `pipeline_state.json` (written atomically); `--resume`
 skips what is done. Run on one CPU machine:
     rlhf pipeline configs/quickstart.yaml --out runs/quickstart
@@ -23,12 +29,16 @@ from pathlib import Path
 import ray
 
 from rlhf.orchestrator.config import ExperimentConfig
+from rlhf.orchestrator.data.dialogues import load_sft_dialogues
+from rlhf.orchestrator.data.labelers import build_judge, build_labeler
+from rlhf.orchestrator.data.prompts import build_prompts, load_eval_prompts, load_prompts
+from rlhf.orchestrator.data.sources import load_preferences
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.ppo.judging import HeldOutJudge, JudgePlan
 from rlhf.orchestrator.ppo.launch import resolve_policy, rollout_engine_class, run_ppo, start_ray
 from rlhf.orchestrator.ppo.placement import plan_resources
-from rlhf.orchestrator.data.prompts import build_prompts, task_dialogues
 from rlhf.orchestrator.run.rundir import prepare_run_dir, write_atomic
-from rlhf.orchestrator.tasks import arithmetic
+from rlhf.orchestrator.tasks import load_task
 
 STATE_FILE = "pipeline_state.json"
 EVAL_SEED_OFFSET = 10_000  # held-out prompts come from another seed of the task generator
@@ -54,21 +64,21 @@ class PipelineState:
         return self.stages[stage]
 
 
-def _score_fn(cfg: ExperimentConfig):
-    if cfg.data.task != "arithmetic":
-        raise BadInput(f"data.task: the pipeline's simulated labeler needs a built-in task, got {cfg.data.task!r}")
-    return arithmetic.score_reply
-
-
 def _ppo_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> ExperimentConfig:
-    """The PPO stage's config: start from `policy`, score with the round's reward model."""
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"policy": policy, "reward": reward_model})})
+    """The PPO stage's config: start from `policy`, score with the round's reward model, and an
+    adaptive KL target (pipeline.kl_target) unless ppo.kl.target is set."""
+    update = {"model": cfg.model.model_copy(update={"policy": policy, "reward": reward_model})}
+    if cfg.ppo.kl.target is None and cfg.pipeline.kl_target is not None:
+        kl = cfg.ppo.kl.model_copy(update={"target": cfg.pipeline.kl_target, "horizon": cfg.pipeline.kl_horizon})
+        update["ppo"] = cfg.ppo.model_copy(update={"kl": kl})
+    return cfg.model_copy(update=update)
 
 
 def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, labeler, tokenizer) -> int:
-    """K replies per prompt from the newest policy, ranked, stored with provenance."""
-    from rlhf.orchestrator.recipe.comparisons import collect_comparisons
+    """K replies per prompt from the newest policy, ranked by `labeler` (None: left unranked
+    for people), stored with provenance (prompt id = hash of the conversation)."""
     from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
+    from rlhf.orchestrator.recipe.comparisons import collect_comparisons, prompt_key
 
     rng = random.Random(cfg.seed * 1000 + round_)
     chosen = rng.sample(range(len(dialogues)), min(cfg.rm.prompts_per_round, len(dialogues)))
@@ -82,7 +92,7 @@ def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, 
         tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0)
     group = RolloutGroup([engine], tensor_parallel_size=cfg.rollout.tensor_parallel_size)
     try:
-        keys = [f"task-{cfg.seed}-{i}" for i in chosen]  # prompt provenance: generator seed and index
+        keys = [prompt_key(m) for m in prompts.messages]
         return collect_comparisons(group, prompts.messages, prompts.token_ids, keys, cfg.rm.replies_per_prompt,
                                    labeler, store, round_, policy, cfg.rollout.temperature,
                                    cfg.rollout.max_new_tokens, cfg.seed * 7919 + round_, tokenizer)
@@ -95,8 +105,8 @@ def run_sft_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     """`rlhf sft`: the SFT stage alone (the model from model.policy, demonstrations from data/sft)."""
     from rlhf.orchestrator.recipe.sft import run_sft
 
+    dialogues = load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed)  # bad data fails before the folder
     out = prepare_run_dir(out_dir, cfg)
-    dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed) if cfg.data.task else []
     base = resolve_policy(cfg, out, dialogues)
     start_ray(address, cfg.sft.num_workers + 1)
     result = run_sft(cfg, base, out / "sft", max_steps=max_steps)
@@ -104,46 +114,122 @@ def run_sft_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     return result
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the pipeline reads, loaded and checked before anything is written."""
+
+    task: object                     # Task or None
+    labeler: object                  # Labeler, or None for people (labeler.kind: human)
+    judge: object                    # Judge: scores held-out replies
+    sft: list[list[dict]]            # demonstrations
+    prompts: list[list[dict]]        # conversations ending with a user turn (comparisons and PPO)
+    eval_prompts: list[list[dict]]   # held out
+    preferences: list                # PreferencePair (data.comparisons), stored as round 0
+
+
+def load_inputs(cfg: ExperimentConfig) -> Inputs:
+    task = load_task(cfg.data.task)
+    inputs = Inputs(task=task, labeler=build_labeler(cfg.labeler, task), judge=build_judge(cfg, task),
+                    sft=load_sft_dialogues(cfg, task, cfg.seed), prompts=load_prompts(cfg, task),
+                    eval_prompts=load_eval_prompts(cfg, task, cfg.pipeline.eval_prompts),
+                    preferences=load_preferences(cfg.data.comparisons, "data.comparisons"))
+    _probe(cfg, inputs)
+    return inputs
+
+
+def _judge_plan(cfg: ExperimentConfig, inputs: Inputs, tokenizer) -> JudgePlan:
+    subset = build_prompts(inputs.eval_prompts[: cfg.pipeline.eval_subset], tokenizer, cfg.data.max_prompt_tokens,
+                           cfg.data.prompt_overflow)
+    judge = HeldOutJudge(subset.messages, subset.token_ids, inputs.judge.score, samples=cfg.pipeline.eval_samples,
+                         temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                         seed=cfg.seed + 4242)
+    return JudgePlan(judge, every=cfg.pipeline.eval_every, select=cfg.pipeline.select, patience=cfg.pipeline.patience)
+
+
+def _wait_for_people(store, round_: int, need: int, out: Path, just_collected: bool) -> bool:
+    """labeler.kind human: True when enough of the round's comparisons are ranked. If not: right
+    after collecting, print the one line that says what to do and return False (the run ends,
+    exit 0); on a --resume that finds them still unranked, that line is a BadInput (exit 2)."""
+    ranked, total = store.count_ranked([round_]), store.count([round_])
+    if ranked >= need:
+        return True
+    line = (f"{total - ranked} comparisons of round {round_} wait for ranking in {out / 'comparisons.sqlite'} "
+            f"({ranked} ranked, labeler.min_ranked = {need}); rank them (e.g. rlhf label serve {out}), then rerun "
+            f"with --resume")
+    if not just_collected:
+        raise BadInput(f"labeler.min_ranked: {line}")
+    print(f"pipeline: {line}")
+    return False
+
+
+def _probe(cfg: ExperimentConfig, inputs: "Inputs") -> None:
+    """Calls a Python labeler and judge once on a real prompt, with a demonstration reply and an
+    empty one (both happen when sampling), so one that raises or returns a non-number fails now,
+    in one line naming the target and the prompt, not after SFT has run."""
+    if not inputs.prompts:
+        return
+    messages = inputs.prompts[0]
+    replies = [inputs.sft[0][-1]["content"] if inputs.sft else "ok", ""]
+    if cfg.labeler.kind == "python":
+        inputs.labeler.rank(messages, replies)
+    if (cfg.pipeline.judge or cfg.labeler).kind == "python":
+        inputs.judge.score(messages, replies[0])
+
+
 def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = None,
                  resume: bool = False, max_steps: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    from rlhf.orchestrator.recipe.comparisons import ComparisonStore, FileLabeler, SimulatedLabeler
-    from rlhf.orchestrator.run.memwatch import MemoryWatcher
+    from rlhf.orchestrator.recipe.comparisons import ComparisonStore, prompt_key
     from rlhf.orchestrator.recipe.report import evaluate_policies, write_round_report
+    from rlhf.orchestrator.models.scoring import turn_end_ids
     from rlhf.orchestrator.recipe.rm import run_rm
     from rlhf.orchestrator.recipe.sft import run_sft
+    from rlhf.orchestrator.recipe.stages import store_preferences
+    from rlhf.orchestrator.run.memwatch import MemoryWatcher
 
-    score_fn = _score_fn(cfg)
     plan_resources(cfg)  # a layout that cannot work fails before anything is written
+    inputs = load_inputs(cfg)  # so does bad data, a labeler that cannot load, a judge that cannot score
     out = Path(out_dir)
     if (out / STATE_FILE).is_file() and not resume:
         raise BadInput(f"output folder {out} holds a pipeline run; pass --resume to continue it or choose another --out")
     out = prepare_run_dir(out, cfg)
     state = PipelineState.load(out / STATE_FILE)
-    dialogues = task_dialogues(cfg.data.task, cfg.data.task_size, cfg.seed)
-    eval_prompts = [d[:-1] for d in task_dialogues(cfg.data.task, cfg.pipeline.eval_prompts,
-                                                    cfg.seed + EVAL_SEED_OFFSET)]
+    waiting = next((r for r in range(1, cfg.pipeline.rounds + 1) if state.done(f"round{r}/comparisons")
+                    and not state.done(f"round{r}/rm")), None)
+    if inputs.labeler is None and waiting is not None:  # people still ranking: say so before Ray starts
+        with ComparisonStore(out / "comparisons.sqlite") as store:
+            _wait_for_people(store, waiting, cfg.labeler.min_ranked, out, just_collected=False)
     started = time.perf_counter()
     # Sized for the largest stage: PPO with its reward-model actor.
     start_ray(address, int(plan_resources(_ppo_config(cfg, "policy", "reward-model")).total("CPU")))
     with MemoryWatcher() as memory:
-        base = resolve_policy(cfg, out, dialogues)
+        base = resolve_policy(cfg, out, inputs.sft + inputs.prompts)
         if not state.done("sft"):
             result = run_sft(cfg, base, out / "sft", max_steps=max_steps)
             state.mark("sft", checkpoint=result.checkpoint, steps=result.steps, loss=result.final_loss)
         sft = state.stages["sft"]["checkpoint"]
         tokenizer = AutoTokenizer.from_pretrained(sft)
-        labeler = (FileLabeler(cfg.rm.rankings_file) if cfg.rm.labeler == "file" else SimulatedLabeler(score_fn))
-        demos = {f"task-{cfg.seed}-{i}": d[-1]["content"] for i, d in enumerate(dialogues)}
-        policy, summary = sft, {}
+        if inputs.preferences and not state.done("round0/comparisons"):
+            with ComparisonStore(out / "comparisons.sqlite") as store:
+                store.delete_round(0)
+                n = store_preferences(store, inputs.preferences, tokenizer, turn_end_ids(sft, tokenizer))
+            state.mark("round0/comparisons", count=n, source="data.comparisons")
+        demos = {prompt_key(d[:-1]): d[-1]["content"] for d in inputs.sft if d[-1]["role"] == "assistant"}
+        judge_plan = _judge_plan(cfg, inputs, tokenizer)
+        # The policy handed on: the best so far by the held-out judge (SFT is round 0's).
+        best = state.stages.get("best", {"round": 0, "checkpoint": sft, "score": None})
         for r in range(1, cfg.pipeline.rounds + 1):
             rd = out / f"round{r}"
+            policy = best["checkpoint"]
             with ComparisonStore(out / "comparisons.sqlite") as store:
-                if not state.done(f"round{r}/comparisons"):
+                collected = not state.done(f"round{r}/comparisons")
+                if collected:
                     store.delete_round(r)  # a crash mid-collection leaves a partial round
-                    n = _collect(cfg, r, policy, dialogues, store, labeler, tokenizer)
-                    state.mark(f"round{r}/comparisons", count=n, policy=policy)
+                    n = _collect(cfg, r, policy, inputs.prompts, store, inputs.labeler, tokenizer)
+                    state.mark(f"round{r}/comparisons", count=n, policy=policy, ranked=inputs.labeler is not None)
+                if inputs.labeler is None and not _wait_for_people(store, r, cfg.labeler.min_ranked, out, collected):
+                    return {"waiting_for_ranking": r}
                 comparisons = store.load()
             if not state.done(f"round{r}/rm"):
                 rm = run_rm(cfg, sft, comparisons, demos, sft, rd / "rm", max_steps=max_steps)
@@ -152,22 +238,39 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
             if not state.done(f"round{r}/ppo"):
                 # resume: a PPO stage cut short continues from its own latest checkpoint.
                 result = run_ppo(_ppo_config(cfg, policy, rm_stage["checkpoint"]), rd / "ppo", max_steps=max_steps,
-                                 reference=sft, resume=resume)
-                state.mark(f"round{r}/ppo", checkpoint=result["policy_dir"])
-            policy = state.stages[f"round{r}/ppo"]["checkpoint"]
+                                 reference=sft, resume=resume, judge=judge_plan)
+                state.mark(f"round{r}/ppo", checkpoint=result["policy_dir"], selected_step=result["selected_step"],
+                           stopped_early=result["stopped_early"])
+            ppo_stage = state.stages[f"round{r}/ppo"]
             if not state.done(f"round{r}/eval"):
-                ev = evaluate_policies(policy, sft, eval_prompts, score_fn, n_samples=cfg.pipeline.eval_samples,
-                                       max_new_tokens=cfg.rollout.max_new_tokens,
+                ev = evaluate_policies(ppo_stage["checkpoint"], sft, inputs.eval_prompts, inputs.judge,
+                                       n_samples=cfg.pipeline.eval_samples, max_new_tokens=cfg.rollout.max_new_tokens,
                                        temperature=cfg.rollout.temperature, seed=cfg.seed)
-                ev["rm_pairwise_accuracy"] = rm_stage["accuracy"]
+                ev.update(rm_pairwise_accuracy=rm_stage["accuracy"], selected_step=ppo_stage["selected_step"],
+                          stopped_early=ppo_stage["stopped_early"])
                 rows = [json.loads(line) for line in (rd / "ppo" / "metrics.jsonl").read_text().splitlines()]
                 write_round_report(rd, r, rows, ev)
                 state.mark(f"round{r}/eval", **ev)
-            summary = state.stages[f"round{r}/eval"]
-    summary = {**summary, "peak_rss_gib": memory.peak_bytes / 2**30, "seconds": time.perf_counter() - started}
+                if best["score"] is None:
+                    best["score"] = ev["labeler_score/sft"]
+                if ev["labeler_score/final"] > best["score"]:
+                    best = {"round": r, "checkpoint": ppo_stage["checkpoint"], "score": ev["labeler_score/final"],
+                            "win_rate_vs_sft": ev["win_rate_vs_sft"]}
+                state.mark("best", **best)
+            best = state.stages["best"]
+    last = state.stages[f"round{cfg.pipeline.rounds}/eval"]
+    summary = {**last, "chosen_round": best["round"], "chosen_policy": best["checkpoint"],
+               "labeler_score/chosen": best["score"], "win_rate_vs_sft/chosen": best.get("win_rate_vs_sft", 0.5),
+               "peak_rss_gib": memory.peak_bytes / 2**30, "seconds": time.perf_counter() - started}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"pipeline done: {cfg.pipeline.rounds} round(s) in {summary['seconds']:.0f}s; "
-          f"win rate vs SFT {summary['win_rate_vs_sft']:.0%}, labeler score {summary['labeler_score/sft']:.2f} -> "
-          f"{summary['labeler_score/final']:.2f}, RM held-out accuracy {summary['rm_pairwise_accuracy']:.0%}, "
-          f"peak memory {summary['peak_rss_gib']:.1f} GiB; report in {out / f'round{cfg.pipeline.rounds}'}")
+    chosen = "SFT (no round beat it)" if best["round"] == 0 else f"round {best['round']}"
+    print(f"pipeline done: {cfg.pipeline.rounds} round(s) in {summary['seconds']:.0f}s; last round: win rate vs SFT "
+          f"{last['win_rate_vs_sft']:.0%}, judge score {last['labeler_score/sft']:.2f} -> "
+          f"{last['labeler_score/final']:.2f}, RM held-out accuracy {_pct(last['rm_pairwise_accuracy'])}; chosen policy: "
+          f"{chosen} (judge {best['score']:.2f}), peak memory {summary['peak_rss_gib']:.1f} GiB; "
+          f"report in {out / f'round{cfg.pipeline.rounds}'}")
     return summary
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -24,9 +23,8 @@ EVAL_KEYS = ("rm_pairwise_accuracy", "labeler_score/sft", "labeler_score/final",
 # Per-step columns of the PPO table, in order; the labeler column is added when present.
 STEP_KEYS = ("reward/mean", "kl/mean", "response_length/mean")
 # Where a row may hold the labeler's score, in order of preference.
-LABELER_KEYS = ("eval/labeler_score", "reward/arithmetic")
+LABELER_KEYS = ("eval/labeler_score",)
 
-ScoreFn = Callable[[list[dict], str], float]  # (prompt messages, reply text) -> labeler score
 
 
 # --------------------------------------------------------------------------- report files
@@ -79,8 +77,9 @@ def _markdown(round: int, series: dict, eval: dict) -> str:
     head = ["step", *STEP_KEYS] + ([labeler_key] if labeler_key else [])
     lines = [f"# Round {round}", "", "## Evaluation", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(_finite(v))} |" for k, v in eval.items()]
-    lines += ["", "win_rate_vs_sft: share of held-out prompts where the final policy's labeler score beats "
-              "the SFT policy's (ties count one half).", "", f"## PPO steps ({len(series['step'])})", "",
+    lines += ["", "win_rate_vs_sft: share of held-out prompts where the round's policy's judge score beats "
+              "the SFT policy's (ties count one half). The round's policy is the PPO step with the best judge "
+              "score on a fixed held-out sample (`selected_step`; 0 = the policy the round started from).", "", f"## PPO steps ({len(series['step'])})", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, step in enumerate(series["step"]):
         cells = [str(step)] + [_fmt(series[k][i]) for k in STEP_KEYS]
@@ -90,53 +89,78 @@ def _markdown(round: int, series: dict, eval: dict) -> str:
 
 
 def _plot(path: Path, round: int, series: dict) -> None:
-    """Four panels over steps; a Figure with the Agg canvas, so no global pyplot state."""
+    """Four panels over steps and two over-optimisation panels (the judge's score against the
+    RM's reward and against the KL: Gao et al. 2022's curves, where a rising proxy and a falling
+    true score show reward hacking); a Figure with the Agg canvas, so no global pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 7), layout="constrained")
+    fig = Figure(figsize=(14, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = [("reward/mean", "reward"), ("kl/mean", "KL to SFT"), ("response_length/mean", "response length"),
-              ("labeler", f"labeler score ({series['labeler_key'] or 'none logged'})")]
-    for ax, (key, title) in zip(fig.subplots(2, 2).flat, panels):
-        points = [(s, v) for s, v in zip(series["step"], series[key]) if v is not None]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
+    axes = fig.subplots(2, 3).flat
+    panels = [("reward/mean", "RM reward"), ("kl/mean", "KL to SFT"), ("response_length/mean", "response length"),
+              ("labeler", f"judge score ({series['labeler_key'] or 'none logged'})")]
+    for ax, (key, title) in zip(axes, panels):
+        _line(ax, series["step"], series[key], title, "PPO step")
+    for ax, (key, label) in zip(axes, (("reward/mean", "RM reward (same step)"), ("kl/mean", "KL to SFT (same step)"))):
+        points = [(x, y, s) for x, y, s in zip(series[key], series["labeler"], series["step"])
+                  if x is not None and y is not None]
+        _line(ax, [p[0] for p in points], [p[1] for p in points], f"over-optimisation: judge vs {label.split(' (')[0]}",
+              label, annotate=[p[2] for p in points])
+        ax.set_ylabel("judge score")
     fig.suptitle(f"Round {round}")
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     tmp.replace(path)
 
 
+def _line(ax, xs: list, ys: list, title: str, xlabel: str, annotate: list | None = None) -> None:
+    points = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    if points:
+        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        for (x, y), label in zip(points, annotate or []):
+            ax.annotate(str(label), (x, y), fontsize=7, alpha=0.7)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[list[dict]], score_fn: ScoreFn,
+def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[list[dict]], judge,
                       n_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
                       batch_size: int = 32) -> dict[str, float]:
-    """Labeler scores of the final and SFT policies on `prompts`, and the final's win rate.
+    """Judge scores of the final and SFT policies on `prompts`, and the final's win rate.
 
     Each policy samples `n_samples` replies per prompt (same seed for both, so two identical
     models give identical replies); a prompt's score is the mean over its replies.
       labeler_score/{sft,final}: mean over prompts of the prompt's score
       win_rate_vs_sft = mean over prompts of 1[final > sft] + 0.5 * 1[final == sft]
-    `temperature` 0 means greedy decoding.
+    `judge` has `score(messages, reply) -> float`. `temperature` 0 means greedy decoding.
     """
     if not prompts:
         raise ValueError("evaluate_policies needs at least one prompt")
-    per_prompt = {}
-    for name, folder in (("final", final_dir), ("sft", sft_dir)):
-        replies = generate_replies(folder, prompts, n_samples, max_new_tokens, temperature, seed, batch_size)
-        scores = [float(score_fn(prompts[i // n_samples], reply)) for i, reply in enumerate(replies)]
-        per_prompt[name] = [sum(scores[i: i + n_samples]) / n_samples for i in range(0, len(scores), n_samples)]
-    final, sft = per_prompt["final"], per_prompt["sft"]
+    final, sft = (prompt_scores(folder, prompts, judge, n_samples, max_new_tokens, temperature, seed, batch_size)
+                  for folder in (final_dir, sft_dir))
     return {"labeler_score/sft": sum(sft) / len(sft), "labeler_score/final": sum(final) / len(final),
             "win_rate_vs_sft": win_rate(final, sft), "eval/prompts": float(len(prompts))}
+
+
+def prompt_scores(model_dir: str | Path, prompts: list[list[dict]], judge, samples: int, max_new_tokens: int,
+                  temperature: float, seed: int, batch_size: int = 32) -> list[float]:
+    """Per prompt, the mean judge score of the model's `samples` replies to it (a judge with a
+    batch `scores(messages, replies)`, e.g. a reward model, scores one prompt's replies at once)."""
+    replies = generate_replies(model_dir, prompts, samples, max_new_tokens, temperature, seed, batch_size)
+    batch = getattr(judge, "scores", None)
+    out = []
+    for i, messages in enumerate(prompts):
+        mine = replies[i * samples:(i + 1) * samples]
+        scores = batch(messages, mine) if batch else [judge.score(messages, reply) for reply in mine]
+        out.append(sum(float(s) for s in scores) / len(scores))
+    return out
 
 
 def win_rate(final: list[float], sft: list[float]) -> float:

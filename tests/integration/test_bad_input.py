@@ -17,6 +17,23 @@ from rlhf.orchestrator.cli import main
 from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 PPO = ["ppo", "configs/ppo-tiny.yaml", "logger.backend=none"]
+PIPE = ["pipeline", "configs/quickstart.yaml"]
+LABELER = """
+def nope_not_this(messages, reply):
+    return 1.0
+
+
+def one_arg(reply):
+    return 1.0
+
+
+def raises(messages, reply):
+    return 1 / 0
+
+
+def says_good(messages, reply):
+    return "good"
+"""
 CASES = [
     ("malformed YAML", ["ppo", "{d}/broken.yaml"], "broken.yaml:3:1: invalid YAML"),
     ("duplicate YAML key", ["ppo", "{d}/dup.yaml"], "duplicate key 'seed'"),
@@ -29,9 +46,9 @@ CASES = [
     ("GPU-only sync on CPU", PPO + ["sync.backend=nccl"], "sync.backend"),
     ("usage: --max-steps 0", PPO + ["--max-steps", "0"], "--max-steps"),
     ("missing model folder", PPO + ["model.policy=./no/such/model"], "model.policy"),
-    ("data file missing", PPO + ["data.train={d}/absent.jsonl"], "absent.jsonl"),
-    ("malformed JSONL line", PPO + ["data.train={d}/bad.jsonl"], "bad.jsonl:2"),
-    ("empty dataset", PPO + ["data.train={d}/empty.jsonl"], "empty dataset"),
+    ("data file missing", PPO + ["data.prompts={d}/absent.jsonl"], "absent.jsonl"),
+    ("malformed JSONL line", PPO + ["data.prompts={d}/bad.jsonl"], "bad.jsonl:2"),
+    ("empty dataset", PPO + ["data.prompts={d}/empty.jsonl"], "empty dataset"),
     ("every prompt too long (reject)", PPO + ["data.prompt_overflow=reject", "data.max_prompt_tokens=3"],
      "longer than data.max_prompt_tokens"),
     ("tokenizer without chat template", PPO + ["model.policy={d}/no_template"], "no chat template"),
@@ -39,6 +56,28 @@ CASES = [
     ("output folder of another experiment", PPO + ["--out", "{d}/other_run"], "different experiment"),
     ("output folder with checkpoints, no --resume", PPO + ["--out", "{d}/with_ckpt"], "--resume"),
     ("chat with a missing checkpoint", ["chat", "{d}/no_model", "--once", "hi"], "no_model"),
+    # Anyone's data and labelers (`rlhf pipeline` checks all of it before Ray starts).
+    ("removed key data.train", PPO + ["data.train=x.jsonl"], "data.prompts"),
+    ("unknown data format", PIPE + ["data.sft=[{{path: {d}/good.jsonl, format: dialog}}]"], "data.sft.0.format"),
+    ("missing column in a JSONL source", PIPE + ["data.sft=[{d}/text_only.jsonl]"], "'messages'"),
+    ("dataset folder without the column", PIPE + ["data.sft=[{d}/hf_text]"], "'messages'"),
+    ("prompt_response line without its response", PIPE + [
+        "data.sft=[{{path: {d}/half_pr.jsonl, format: prompt_response}}]"], "half_pr.jsonl:1"),
+    ("preference pair without rejected", PIPE + [
+        "data.comparisons=[{{path: {d}/half_pairs.jsonl, format: preference}}]"], "rejected"),
+    ("labeler file missing", PIPE + ["labeler.kind=python", "labeler.target={d}/nolabeler.py:score"], "nolabeler.py"),
+    ("labeler attribute missing", PIPE + ["labeler.kind=python", "labeler.target={d}/labeler.py:nope"], "nope"),
+    ("labeler with a wrong signature", PIPE + ["labeler.kind=python", "labeler.target={d}/labeler.py:one_arg"],
+     "one_arg"),
+    ("labeler raising", PIPE + ["labeler.kind=python", "labeler.target={d}/labeler.py:raises"], "ZeroDivisionError"),
+    ("labeler returning a string", PIPE + ["labeler.kind=python", "labeler.target={d}/labeler.py:says_good"],
+     "says_good"),
+    ("unknown task", PIPE + ["data.task=chess"], "data.task"),
+    ("task factory missing", PIPE + ["data.task={d}/labeler.py:NoTask"], "NoTask"),
+    ("judge that cannot score", PIPE + ["pipeline.judge={{kind: file, path: {d}/good.jsonl}}"], "pipeline.judge"),
+    ("human labeler, nothing ranked, --resume", PIPE + [
+        "labeler.kind=human", "pipeline.judge={{kind: task}}", "--resume", "--out", "{d}/human_run"],
+     "wait for ranking"),
 ]
 
 
@@ -64,7 +103,29 @@ def fixtures(tmp_path_factory) -> Path:
     (d / "with_ckpt" / "checkpoints" / "step_000002").mkdir(parents=True)
     (d / "with_ckpt" / "config.yaml").write_text("name: ppo-tiny\n")
     (d / "with_ckpt" / "checkpoints" / "step_000002" / "trainer_state.json").write_text("{}")
+    (d / "good.jsonl").write_text(json.dumps(good) + "\n")
+    (d / "text_only.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    (d / "half_pr.jsonl").write_text(json.dumps({"prompt": "2+2?"}) + "\n")
+    (d / "half_pairs.jsonl").write_text(json.dumps({"prompt": "2+2?", "chosen": "4"}) + "\n")
+    (d / "labeler.py").write_text(LABELER)
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": "hello"}, {"text": "bye"}]).save_to_disk(str(d / "hf_text"))
+    _human_run(d / "human_run")
     return d
+
+
+def _human_run(out: Path) -> None:
+    """A pipeline folder whose round 1 replies were collected for people and not ranked yet."""
+    from rlhf.orchestrator.config import load_config, to_yaml
+    from rlhf.orchestrator.recipe.comparisons import ComparisonStore
+
+    out.mkdir()
+    (out / "config.yaml").write_text(to_yaml(load_config("configs/quickstart.yaml", ["labeler.kind=human"])))
+    (out / "pipeline_state.json").write_text(json.dumps({"stages": {"sft": {"checkpoint": "x"},
+                                                                   "round1/comparisons": {"count": 1}}}))
+    with ComparisonStore(out / "comparisons.sqlite") as store:
+        store.add(1, "p", "x", [{"role": "user", "content": "2+2?"}], ["4", "5"], [[1], [2]], None)
 
 
 @pytest.mark.parametrize("case,argv,expected", CASES, ids=[c[0] for c in CASES])
@@ -83,7 +144,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(fixtures, tmp_path, cap
 
 
 def test_the_table_is_long_enough():
-    assert len(CASES) >= 15
+    assert len(CASES) >= 30
 
 
 def test_prompts_over_the_limit_are_truncated_and_counted():

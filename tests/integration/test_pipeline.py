@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.orchestrator.recipe.comparisons import ComparisonStore
+from rlhf.orchestrator.recipe.comparisons import ComparisonStore, prompt_key
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_every_stage_leaves_its_artefacts(run):
     out, proc = run
     assert "pipeline done:" in proc.stdout
     state = json.loads((out / "pipeline_state.json").read_text())["stages"]
-    assert list(state) == ["sft", "round1/comparisons", "round1/rm", "round1/ppo", "round1/eval"]
+    assert list(state) == ["sft", "round1/comparisons", "round1/rm", "round1/ppo", "round1/eval", "best"]
     for folder in (out / "sft" / "checkpoint", out / "round1" / "rm" / "checkpoint",
                    out / "round1" / "ppo" / "checkpoints" / "final" / "policy"):
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), folder
@@ -67,7 +67,7 @@ def test_comparisons_landed_in_sqlite_with_provenance(run):
     assert len(comparisons) == 24
     sft = str(out / "sft" / "checkpoint")
     for c in comparisons:
-        assert c.round == 1 and c.policy == sft and c.prompt_id.startswith("task-0-")
+        assert c.round == 1 and c.policy == sft and c.prompt_id == prompt_key(c.prompt_messages)
         assert len(c.replies) == 4 == len(c.ranks)  # K replies, each ranked
         assert c.prompt_messages[-1]["role"] == "user"
 
@@ -86,7 +86,7 @@ def test_finished_run_resumes_without_redoing_and_refuses_without_resume(run):
 
 def test_chat_answers_with_the_final_policy(run):
     out, _ = run
-    policy = out / "round1" / "ppo" / "checkpoints" / "final" / "policy"
+    policy = json.loads((out / "summary.json").read_text())["chosen_policy"]
     proc = subprocess.run([RLHF, "chat", str(policy), "--once", "What is 2 + 3?", "--max-new-tokens", "16"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

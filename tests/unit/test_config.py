@@ -96,7 +96,13 @@ BAD = [
     ("seed: -1\n", [], "seed", "greater than or equal to 0"),
     (None, ["reward.functions={forbidden_phrase: 1.0}"], "reward.forbidden_phrases", "non-empty phrase"),
     (None, ["reward.functions.digit_fracton=1"], "reward.functions.digit_fracton", "did you mean 'digit_fraction'"),
-    (None, ["rm.labeler=file"], "rm.rankings_file", "needs a rankings file"),
+    (None, ["rm.labeler=file"], "rm.labeler", "replaced by labeler.kind"),
+    (None, ["data.train=x.jsonl"], "data.train", "replaced by data.prompts"),
+    (None, ["labeler.kind=file"], "labeler.path", "needs a path"),
+    (None, ["labeler.kind=python"], "labeler.target", "needs target"),
+    (None, ["data.sft=[{format: messages}]"], "data.sft.0.path", "Field required"),
+    (None, ["data.prompts=[{path: p.jsonl, format: dialog}]"], "data.prompts.0.format", "messages"),
+    (None, ["pipeline.judge={kind: human}"], "pipeline.judge.kind", "human is not a judge"),
     (None, ["data.max_prompt_tokens=250"], "data.max_prompt_tokens", "exceeds model.tiny.max_position_embeddings"),
     ("model:\n  tiny:\n    num_heads: 3\n    num_kv_heads: 2\n", [], "model.tiny.num_kv_heads", "must divide"),
 ]
@@ -145,3 +151,24 @@ def test_cli_subprocess_exit_codes_and_no_traceback():
     assert bad.stderr.count("\n") == 1 and "ppo.lr" in bad.stderr
     usage = subprocess.run([rlhf, "nosuchcommand"], capture_output=True, text=True)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1
+
+
+def test_relative_paths_resolve_against_the_config_folder_then_the_working_directory(tmp_path, monkeypatch):
+    from rlhf.orchestrator.config import load_config
+
+    project, cwd = tmp_path / "project", tmp_path / "cwd"
+    (project / "data").mkdir(parents=True)
+    cwd.mkdir()
+    (project / "data" / "demos.jsonl").write_text("")
+    (cwd / "prompts.jsonl").write_text("")
+    (project / "labeler.py").write_text("")
+    (project / "exp.yaml").write_text(
+        "data:\n  task: null\n  sft: data/demos.jsonl\n  prompts: [prompts.jsonl]\n"
+        "  eval: [{path: missing.jsonl, weight: 2}]\nlabeler:\n  kind: python\n  target: labeler.py:score\n")
+    monkeypatch.chdir(cwd)
+    cfg = load_config(project / "exp.yaml")
+    assert cfg.data.sft[0].path == str(project / "data" / "demos.jsonl")   # config folder first
+    assert cfg.data.prompts[0].path == str(cwd / "prompts.jsonl")           # then the working directory
+    assert cfg.data.eval[0].path == str(cwd / "missing.jsonl") and cfg.data.eval[0].weight == 2
+    assert cfg.labeler.target == f"{project / 'labeler.py'}:score"
+    assert load_config(project / "exp.yaml", ["labeler.target=pkg.mod:fn"]).labeler.target == "pkg.mod:fn"
