@@ -103,7 +103,7 @@ class SFTLearner(PolicyLearner):
             logp = self.engine(mb.input_ids.to(self.device), mb.attention_mask.to(self.device))
             loss = sft_nll_part(logp, mb.action_mask.to(self.device), num_tokens)
             self.engine.backward(loss * self.world_size)  # DeepSpeed averages over ranks; we want the sum
-            local += float(loss)
+            local += float(loss.detach())
         lr, grad_norm = self._step()
         total = torch.tensor([local], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(total)

@@ -232,7 +232,7 @@ class PipelineConfig(Section):
     eval_samples: int = _f(4, "sampled replies per held-out prompt (each prompt's score is their mean)", gt=0)
     judge: Optional[LabelerConfig] = _f(None, "who scores held-out replies (same keys as labeler); null = the labeler")
     eval_every: int = _f(5, "during PPO, score the policy's replies to a fixed held-out sample with the judge "
-                         "every N steps (eval/labeler_score); 0 = off", ge=0)
+                         "every N steps (eval/labeler_score), and before step 1 and after the last; 0 = only those two", ge=0)
     eval_subset: int = _f(16, "held-out prompts in that fixed sample (the first ones of the eval prompts)", gt=0)
     select: Literal["best", "last"] = _f("best", "policy a PPO stage hands on: the best by that judge score "
                                          "(the starting policy counts as step 0), or the last step's")

@@ -69,7 +69,8 @@ def start_ray(address: str | None, num_cpus: int) -> None:
     else:
         # address="local": always a fresh embedded cluster, never one found running here.
         ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
+                 _node_ip_address="127.0.0.1", log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "rlhf.orchestrator.run.quiet.quiet_worker"})
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,8 @@ def _wait_for_people(store, round_: int, need: int, out: Path, just_collected: b
     if ranked >= need:
         return True
     line = (f"{total - ranked} comparisons of round {round_} wait for ranking in {out / 'comparisons.sqlite'} "
-            f"({ranked} ranked, labeler.min_ranked = {need}); rank them (e.g. rlhf label serve {out}), then rerun "
-            f"with --resume")
+            f"({ranked} ranked, labeler.min_ranked = {need}); write their ranks (replies.rank, 0 = best), then "
+            f"rerun with --resume")
     if not just_collected:
         raise BadInput(f"labeler.min_ranked: {line}")
     print(f"pipeline: {line}")

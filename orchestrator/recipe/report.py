@@ -97,12 +97,12 @@ def _plot(path: Path, round: int, series: dict) -> None:
 
     fig = Figure(figsize=(14, 7), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3).flat
+    axes = list(fig.subplots(2, 3).flat)
     panels = [("reward/mean", "RM reward"), ("kl/mean", "KL to SFT"), ("response_length/mean", "response length"),
               ("labeler", f"judge score ({series['labeler_key'] or 'none logged'})")]
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes[:4], panels):
         _line(ax, series["step"], series[key], title, "PPO step")
-    for ax, (key, label) in zip(axes, (("reward/mean", "RM reward (same step)"), ("kl/mean", "KL to SFT (same step)"))):
+    for ax, (key, label) in zip(axes[4:], (("reward/mean", "RM reward (same step)"), ("kl/mean", "KL to SFT (same step)"))):
         points = [(x, y, s) for x, y, s in zip(series[key], series["labeler"], series["step"])
                   if x is not None and y is not None]
         _line(ax, [p[0] for p in points], [p[1] for p in points], f"over-optimisation: judge vs {label.split(' (')[0]}",

@@ -68,23 +68,28 @@ def test_pack_batch_by_hand():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_logprobs_entropy_and_grads_equal_padded(attn):
-    model, batch = _policy(attn), _batch()
-    pairs = pack_batch(batch.input_ids, batch.attention_mask).pairs
-    g = torch.Generator().manual_seed(1)
-    w_lp, w_ent = torch.randn(pairs.shape, generator=g), torch.randn(pairs.shape, generator=g)
-    results = {}
-    for packing in (False, True):
-        model.zero_grad()
-        logp, ent = sequence_logprobs(model, batch, 0.7, chunk_size=16, with_entropy=True, packing=packing)
-        # Loss over real targets only: what PPO's masked losses see.
-        ((logp * w_lp + ent * w_ent) * pairs).sum().backward()
-        results[packing] = (logp.detach(), ent.detach(), _grads(model))
-    (lp0, ent0, g0), (lp1, ent1, g1) = results[False], results[True]
+    pairs, (lp0, ent0, g0), (lp1, ent1, g1) = _padded_and_packed(_policy(attn), _batch())
     torch.testing.assert_close(lp1[pairs], lp0[pairs], atol=ATOL, rtol=0)
     torch.testing.assert_close(ent1[pairs], ent0[pairs], atol=ATOL, rtol=0)
     assert not lp1[~pairs].any() and not ent1[~pairs].any()
     assert g0.keys() == g1.keys() and len(g0) > 10
     _assert_grads_close(g1, g0)
+
+
+def _padded_and_packed(model, batch):
+    """(pairs, padded results, packed results): log-probs, entropies and the gradients of a
+    random weighting of both over real targets only (what PPO's masked losses see)."""
+    pairs = pack_batch(batch.input_ids, batch.attention_mask).pairs
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(1)
+    w_lp, w_ent = (torch.randn(pairs.shape, generator=g, dtype=dtype) for _ in range(2))
+    results = {}
+    for packing in (False, True):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, batch, 0.7, chunk_size=16, with_entropy=True, packing=packing)
+        ((logp * w_lp + ent * w_ent) * pairs).sum().backward()
+        results[packing] = (logp.detach(), ent.detach(), _grads(model))
+    return pairs, results[False], results[True]
 
 
 def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -105,17 +110,7 @@ def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 def test_packed_grads_equal_padded_float64():
     # Packing is exact up to rounding: in float64 log-probs, entropies and every gradient
     # agree to 1e-10. sdpa only: transformers' eager attention casts its softmax to float32.
-    model, batch = _policy("sdpa").double(), _batch()
-    pairs = pack_batch(batch.input_ids, batch.attention_mask).pairs
-    g = torch.Generator().manual_seed(1)
-    w_lp, w_ent = (torch.randn(pairs.shape, generator=g, dtype=torch.float64) for _ in range(2))
-    results = {}
-    for packing in (False, True):
-        model.zero_grad()
-        logp, ent = sequence_logprobs(model, batch, 0.7, chunk_size=16, with_entropy=True, packing=packing)
-        ((logp * w_lp + ent * w_ent) * pairs).sum().backward()
-        results[packing] = (logp.detach(), ent.detach(), _grads(model))
-    (lp0, ent0, g0), (lp1, ent1, g1) = results[False], results[True]
+    pairs, (lp0, ent0, g0), (lp1, ent1, g1) = _padded_and_packed(_policy("sdpa").double(), _batch())
     assert lp0.dtype == torch.float64 and len(g0) > 10
     torch.testing.assert_close(lp1[pairs], lp0[pairs], atol=1e-10, rtol=0)
     torch.testing.assert_close(ent1[pairs], ent0[pairs], atol=1e-10, rtol=0)
