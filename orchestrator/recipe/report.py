@@ -43,7 +43,7 @@ def write_round_report(out_dir: Path, round: int, ppo_rows: list[dict], eval: di
     out_dir.mkdir(parents=True, exist_ok=True)
     series = step_series(ppo_rows)
     paths = {"eval": out_dir / "eval.json", "markdown": out_dir / "report.md", "plot": out_dir / "report.png"}
-    write_atomic(paths["eval"], json.dumps({"round": round, **{k: _finite(v) for k, v in eval.items()}},
+    write_atomic(paths["eval"], json.dumps({"round": round, **{k: _json_value(v) for k, v in eval.items()}},
                                            indent=2) + "\n")
     write_atomic(paths["markdown"], _markdown(round, series, eval))
     _plot(paths["plot"], round, series)
@@ -68,6 +68,13 @@ def _finite(value):
     return float(value) if math.isfinite(value) else None
 
 
+def _json_value(value):
+    """Flags, names and counts as they are; other numbers finite or None (JSON has no NaN)."""
+    if value is None or isinstance(value, (bool, str)) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return _finite(value)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
@@ -76,7 +83,7 @@ def _markdown(round: int, series: dict, eval: dict) -> str:
     labeler_key = series["labeler_key"]
     head = ["step", *STEP_KEYS] + ([labeler_key] if labeler_key else [])
     lines = [f"# Round {round}", "", "## Evaluation", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(_finite(v))} |" for k, v in eval.items()]
+    lines += [f"| {k} | {v if isinstance(v, (bool, str)) else _fmt(_finite(v))} |" for k, v in eval.items()]
     lines += ["", "win_rate_vs_sft: share of held-out prompts where the round's policy's judge score beats "
               "the SFT policy's (ties count one half). The round's policy is the PPO step with the best judge "
               "score on a fixed held-out sample (`selected_step`; 0 = the policy the round started from).", "", f"## PPO steps ({len(series['step'])})", "",

@@ -57,7 +57,9 @@ def test_every_stage_leaves_its_artefacts(run):
     assert summary["peak_rss_gib"] > 0.1
     # PPO-ptx: the demonstrations' NLL is mixed into the policy loss and logged.
     ppo_rows = [json.loads(line) for line in (out / "round1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["policy/ptx_loss"] > 0 for r in ppo_rows)
+    trained = [r for r in ppo_rows if r["step"] > 0]  # step 0: the judge's score of the starting policy
+    assert len(trained) == 3 and all(r["policy/ptx_loss"] > 0 for r in trained)
+    assert ppo_rows[0] == {"step": 0, "eval/labeler_score": ppo_rows[0]["eval/labeler_score"]}
 
 
 def test_comparisons_landed_in_sqlite_with_provenance(run):

@@ -84,3 +84,11 @@ def test_over_optimisation_panels_take_only_steps_with_both_values(tmp_path):
     md = paths["markdown"].read_text()
     assert "| 0 | n/a | n/a | n/a | 0.3 |" in md and "| 4 | 2 | 0.8 | 9 | -0.1 |" in md
     assert paths["plot"].stat().st_size > 10_000
+
+
+def test_eval_json_keeps_flags_and_counts(tmp_path):
+    paths = write_round_report(tmp_path, 2, [], {**EVAL, "selected_step": 0, "stopped_early": True,
+                                                 "rm_pairwise_accuracy": float("nan")})
+    saved = json.loads(paths["eval"].read_text())
+    assert saved["selected_step"] == 0 and saved["stopped_early"] is True and saved["rm_pairwise_accuracy"] is None
+    assert "| stopped_early | True |" in paths["markdown"].read_text()
