@@ -235,7 +235,9 @@ class PipelineConfig(Section):
                          "every N steps (eval/labeler_score), and before step 1 and after the last; 0 = only those two", ge=0)
     eval_subset: int = _f(16, "held-out prompts in that fixed sample (the first ones of the eval prompts)", gt=0)
     select: Literal["best", "last"] = _f("best", "policy a PPO stage hands on: the best by that judge score "
-                                         "(the starting policy counts as step 0), or the last step's")
+                                         "(the starting policy counts as step 0), or the last step's; and "
+                                         "between rounds the best so far by the held-out judge (SFT counts), "
+                                         "or the newest")
     patience: int = _f(3, "stop PPO early once the judge score has fallen for this many evaluations in a "
                        "row; 0 = never", ge=0)
     kl_target: Optional[float] = _f(3.0, "adaptive KL target (nats per reply) the pipeline's PPO stages use when "

@@ -9,7 +9,8 @@
             critic from the RM, and the judge watching a held-out sample (best step kept,
             early stop once it falls: ppo/judging.py)
         evaluate on held-out prompts with the judge and write the round's report; the
-            policy handed on is the best one so far by that score (SFT counts)
+            policy handed on is the best one so far by that score (SFT counts), or the
+            newest with pipeline.select: last
 
 With `labeler.kind: human` the comparison stage stores the K replies unranked and the run
 stops (exit 0) until people have ranked `labeler.min_ranked` of them; `--resume` goes on.
@@ -253,7 +254,7 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 state.mark(f"round{r}/eval", **ev)
                 if best["score"] is None:
                     best["score"] = ev["labeler_score/sft"]
-                if ev["labeler_score/final"] > best["score"]:
+                if cfg.pipeline.select == "last" or ev["labeler_score/final"] > best["score"]:
                     best = {"round": r, "checkpoint": ppo_stage["checkpoint"], "score": ev["labeler_score/final"],
                             "win_rate_vs_sft": ev["win_rate_vs_sft"]}
                 state.mark("best", **best)
