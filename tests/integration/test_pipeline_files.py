@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -28,18 +29,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 
-LABELER = '''
-import re
-
-
-def score(messages, reply):
-    """Prefers the right sum, then a polite close; long replies lose."""
-    a, b = map(int, re.findall(r"\\d+", messages[-1]["content"])[:2])
-    numbers = re.findall(r"-?\\d+", reply)
-    value = 1.0 if numbers and int(numbers[-1]) == a + b else -1.0
-    value += 0.5 if "Thanks for asking" in reply else 0.0
-    return value - (0.5 if len(reply) > 40 else 0.0)
-'''
+# The README example's labeler (examples/byod/my_labeler.py), copied into the user's folder.
+LABELER = ROOT / "examples" / "byod" / "my_labeler.py"
 
 
 def _dialogue(rng: random.Random, with_reply: bool) -> dict:
@@ -63,7 +54,7 @@ def project(tmp_path_factory) -> Path:
     _write_jsonl(d / "demos.jsonl", [_dialogue(rng, True) for _ in range(400)])
     _write_jsonl(d / "prompts.jsonl", [_dialogue(rng, False) for _ in range(200)])
     _write_jsonl(d / "eval.jsonl", [_dialogue(rng, False) for _ in range(16)])
-    (d / "my_labeler.py").write_text(LABELER)
+    shutil.copy(LABELER, d / "my_labeler.py")
     cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     cfg["name"] = "my-files"
     cfg["data"] = {"task": None, "sft": ["demos.jsonl"], "prompts": ["prompts.jsonl"], "eval": ["eval.jsonl"],
