@@ -18,7 +18,6 @@ Runs under Ray Train on one CPU machine (gloo) or a GPU cluster (nccl); see run_
 """
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from rlhf.actors.learner import LearnerArgs, PolicyLearner
 from rlhf.orchestrator.data.prompts import prompt_batches
 from rlhf.orchestrator.experience import dialogue_batch
 from rlhf.orchestrator.rl import aggregate_loss
+from rlhf.orchestrator.run.rundir import replace_folder
 
 METRIC_KEYS = ("step", "sft/loss", "sft/lr", "sft/grad_norm", "sft/tokens")
 Row = tuple[list[int], list[int]]  # (token ids [T], assistant mask [T])
@@ -141,10 +141,5 @@ def _save_atomically(learner: SFTLearner, dest: Path) -> None:
     """All workers call (ZeRO-3 gathers); rank 0 writes a hidden sibling, then renames it."""
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     learner.save_pretrained(str(tmp))  # rank 0 writes; ends with a barrier
-    if learner.rank != 0:
-        return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-    if dest.exists():
-        dest.rename(old)  # rename cannot replace a non-empty folder
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    if learner.rank == 0:
+        replace_folder(tmp, dest)

@@ -49,7 +49,7 @@ from rlhf.orchestrator.recipe.comparisons import Comparison
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.models.scoring import turn_end_ids
-from rlhf.orchestrator.models.scoring import turn_end_ids as _turn_end_ids  # noqa: F401 (old name, pipeline.py)
+from rlhf.orchestrator.run.rundir import replace_folder
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,4 @@ def _install_folder(src: Path, dest: Path) -> None:
     """Copies `src` next to `dest`, then renames it into place (replacing an old `dest`)."""
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     shutil.copytree(src, tmp)
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, dest)
