@@ -105,6 +105,16 @@ class LabelerConfig(Section):
                          gt=0)
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (peft): only the adapters (and a value head) train; the base stays frozen."""
+
+    rank: int = _f(16, "rank r of each adapter's A [r, in] and B [out, r]", gt=0)
+    alpha: float = _f(32.0, "scale: the update is (alpha / rank) * B @ A", gt=0)
+    dropout: float = _f(0.0, "dropout on the adapter's input", ge=0, lt=1)
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                   "module names (suffixes) that get adapters; an error if none matches")
+
+
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = _f("vllm", "rollout engine: vllm, or hf (transformers generate; "
                                         "no vLLM needed, one device per engine)")
@@ -127,6 +137,8 @@ class KLConfig(Section):
     estimator: Literal["k1", "k2", "k3"] = _f("k1", "per-token KL estimator (Schulman's k1/k2/k3)")
     target: Optional[float] = _f(None, "target KL for the adaptive controller; null keeps coef fixed", gt=0)
     horizon: int = _f(10000, "adaptive controller horizon in samples", gt=0)
+    clamp: Optional[float] = _f(10.0, "clamp each token's KL estimate to [-clamp, clamp] (k3 grows like "
+                                "exp(|log-ratio|)); null = unbounded", gt=0)
 
 
 class RewardConfig(Section):
@@ -154,6 +166,9 @@ class PPOConfig(Section):
         "token_mean", "how token losses are averaged (exact under micro-batching and data parallelism)")
     ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT log-likelihood mixed into the policy loss", ge=0)
     kl: KLConfig = _f(KLConfig(), "KL penalty to the reference (SFT) policy")
+    abort_kl: Optional[float] = _f(50.0, "stop the run (exit 1) when a step's mean KL to the reference exceeds "
+                                   "this many nats per reply: the policy has left its starting model, e.g. a "
+                                   "learning rate far too high for a pretrained model; null = never", gt=0)
     max_nonfinite_skips: int = _f(3, "abort after this many consecutive updates skipped for a non-finite "
                                   "loss, advantage or gradient norm", gt=0)
 
@@ -167,6 +182,7 @@ class LearnerConfig(Section):
     warmup_steps: int = _f(0, "linear learning-rate warm-up in optimizer steps", ge=0)
     offload: bool = _f(False, "offload optimizer states to CPU (ZeRO-Offload)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward")
+    lora: Optional[LoraConfig] = _f(None, "train low-rank adapters instead of every weight; null = full fine-tuning")
 
 
 class CriticConfig(LearnerConfig):
@@ -190,6 +206,9 @@ class SyncConfig(Section):
 class CheckpointConfig(Section):
     every: int = _f(10, "save a resumable checkpoint every N PPO steps (and at the end); 0 = only at the end", ge=0)
     keep: int = _f(2, "keep the newest K step checkpoints; older ones are deleted", gt=0)
+    verify: Literal["full", "size", "off"] = _f("size", "on resume, check the newest checkpoint against its "
+                                                "manifest (full: sizes and checksums; size: sizes only) and "
+                                                "fall back to the newest one that passes")
 
 
 class PlacementConfig(Section):
@@ -213,6 +232,7 @@ class SFTConfig(Section):
     epochs: int = _f(1, "passes over the demonstration data", gt=0)
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
     max_tokens: int = _f(256, "dialogues are cut to this many tokens", gt=0)
+    lora: Optional[LoraConfig] = _f(None, "train low-rank adapters (merged into the saved model); null = full fine-tuning")
 
 
 class RewardModelConfig(Section):
@@ -224,6 +244,8 @@ class RewardModelConfig(Section):
     replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=4, le=9)
     prompts_per_round: int = _f(64, "prompts whose K replies are ranked in each round", gt=0)
     held_out_fraction: float = _f(0.1, "share of compared prompts kept out of training for accuracy", ge=0, lt=1)
+    lora: Optional[LoraConfig] = _f(None, "adapters on the backbone (the value head trains whole; merged into the "
+                                    "saved model); null = full fine-tuning")
 
 
 class PipelineConfig(Section):
@@ -389,8 +411,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section class of a field's annotation (`Section` or `Optional[Section]`), else None."""
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _is_section(annotation) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return _section_type(annotation) is not None
 
 
 def _is_leaf(path: tuple) -> bool:
@@ -407,7 +437,7 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
         field = cls.model_fields.get(str(part))
         if field is None or not _is_section(field.annotation):
             return None
-        cls = field.annotation
+        cls = _section_type(field.annotation)
     return cls
 
 
@@ -513,7 +543,9 @@ def describe_keys(cls: type[BaseModel] = ExperimentConfig, prefix: str = ""):
     for name, field in cls.model_fields.items():
         key = f"{prefix}{name}"
         if _is_section(field.annotation):
-            yield from describe_keys(field.annotation, key + ".")
+            if field.get_default() is None:  # an optional section (null = off): the key itself, then its keys
+                yield key, _section_type(field.annotation).__name__ + " | None", None, field.description or ""
+            yield from describe_keys(_section_type(field.annotation), key + ".")
             continue
         default = field.get_default(call_default_factory=True)
         kind = str(field.annotation).replace("typing.", "")
