@@ -1,7 +1,10 @@
 """Errors the CLI turns into exit codes (see DESIGN.md, "User-facing contract").
 
 `BadInput` is anything the user can fix by editing a config, a data file, a path or a
-resource request: the CLI prints its one-line message and exits 2, with no traceback.
+resource request (or a run folder another live run holds): the CLI prints its one-line
+message and exits 2, with no traceback. A runtime failure (`StageFailed` and the remote-call
+errors below) is one line naming the role and the phase, exit 1. Anything else that reaches
+the CLI is a bug: still one line and exit 1, with the traceback written to a file it names.
 """
 from __future__ import annotations
 
@@ -45,3 +48,8 @@ class RemoteCallFailed(RuntimeError):
 class TrainingAborted(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates); exit 1. The
     last checkpoint is intact and `--resume` continues from it."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's own work failed at runtime (a worker group, an in-process model load, a
+    resume that finds no intact checkpoint); the message names the role and the phase (exit 1)."""

@@ -9,6 +9,14 @@ per-sample estimate of KL(pi || pi_ref):
     k3 = (r - 1) - log r           unbiased, low variance, >= 0
 The controllers are from Ziegler et al. 2019, "Fine-Tuning Language Models from Human
 Preferences" (section 2.2).
+
+Bound (ppo.kl.clamp, default 10): each token's estimate is clamped to [-clamp, clamp]. k3
+grows like exp(|log r|) when the policy drifts (log r = -20 gives ~4.9e8), so one token the
+policy has made near-impossible under pi_ref would dominate every reward in the batch and
+the advantages' whitening. OpenRLHF clamps k1/k2/k3 to [-10, 10]
+(openrlhf/models/utils.py `compute_approx_kl`); we take the same bound. 10 nats leaves the
+ordinary range untouched (a healthy run's per-token KL is well under 1) and still gives a
+drifting token the largest penalty of the batch. null = unbounded.
 """
 
 from __future__ import annotations
@@ -44,10 +52,11 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
-    """Per-token KL estimate by estimator name ("k1", "k2", "k3").
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str, clamp: float | None = None) -> Tensor:
+    """Per-token KL estimate by estimator name ("k1", "k2", "k3"), clamped to [-clamp, clamp].
 
     logp, ref_logp: [...] token log-probs under pi and pi_ref. Returns [...].
+    clamp: None = unbounded (see the module docstring for why 10).
     """
     try:
         estimator = KL_ESTIMATORS[kind]
@@ -55,7 +64,10 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
         raise ValueError(
             f"unknown KL estimator {kind!r}; valid kinds: {sorted(KL_ESTIMATORS)}"
         ) from None
-    return estimator(logp, ref_logp)
+    if clamp is not None and clamp <= 0:
+        raise ValueError(f"KL clamp must be > 0 or None, got {clamp}")
+    kl = estimator(logp, ref_logp)
+    return kl if clamp is None else kl.clamp(min=-clamp, max=clamp)
 
 
 def shape_rewards(
@@ -65,18 +77,19 @@ def shape_rewards(
     mask: Tensor,
     kl_coef: float,
     estimator: str = "k1",
+    clamp: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards: KL penalty on every response token, score on the last one.
 
     score: [B] sequence reward (reward model and/or rule checks).
     logp, ref_logp, mask: [B, T] response-token log-probs and 0/1 validity.
     Returns rewards [B, T], kl [B, T] (both 0 at masked positions).
-    kl_t = k(logp_t, ref_logp_t) * m_t
+    kl_t = clip(k(logp_t, ref_logp_t), -clamp, clamp) * m_t
     r_t = -beta * kl_t + score * [t == last valid token]
     A row with no valid token gets no score (all zeros).
     """
     valid = mask.bool()
-    kl = kl_estimate(logp, ref_logp, estimator)
+    kl = kl_estimate(logp, ref_logp, estimator, clamp)
     kl = torch.where(valid, kl, torch.zeros_like(kl))
     last = last_valid_onehot(mask)
     score_at_last = torch.where(last, score.to(kl.dtype).unsqueeze(-1), torch.zeros_like(kl))

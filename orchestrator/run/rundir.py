@@ -16,6 +16,7 @@ import yaml
 
 from rlhf.orchestrator.config import ExperimentConfig, to_yaml
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.run.lock import lock_run_dir
 from rlhf.orchestrator.run.secrets import Redactor, redact
 
 
@@ -37,7 +38,7 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
 
     A folder that already holds a config of a different experiment (another `name`) is
     refused rather than mixed into; one that cannot be created or written is BadInput
-    naming it.
+    naming it, and so is one another live process holds the lock of (run/lock.py).
     """
     # Absolute: actors and Ray Train workers run in other working directories.
     out = Path(out_dir).resolve()
@@ -57,6 +58,9 @@ def prepare_run_dir(out_dir: str | Path, cfg: ExperimentConfig) -> Path:
     step = "created"
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # One writer per folder (run/lock.py): a second run into it stops here, exit 2.
+        # Re-entrant: a stage folder inside one this process holds is not locked again.
+        lock_run_dir(out)
         step = "written"
         # Secrets come from the environment only; should one have reached a config value, the
         # file on disk still shows "***", never the value.

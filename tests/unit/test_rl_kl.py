@@ -118,3 +118,31 @@ def test_adaptive_kl_controller_rejects_bad_config():
         AdaptiveKLController(init_coef=0.1, target=0.0, horizon=10)
     with pytest.raises(ValueError, match="horizon"):
         AdaptiveKLController(init_coef=0.1, target=1.0, horizon=0)
+
+
+def test_clamp_bounds_each_token_estimate():
+    # log pi - log pi_ref = [20, -20, 0.5]; log r = ref - logp = [-20, 20, -0.5]
+    logp, ref = torch.tensor([0.0, -20.0, -1.0]), torch.tensor([-20.0, 0.0, -1.5])
+    # k1 = [20, -20, 0.5] -> clamp 10: [10, -10, 0.5]
+    assert_close(kl_estimate(logp, ref, "k1", clamp=10.0), torch.tensor([10.0, -10.0, 0.5]), **TOL)
+    # k3 token 1: e^20 - 20 - 1 = 4.85e8 -> 10; token 0: e^-20 + 20 - 1 = 19.000000002 -> 10;
+    # token 2: e^-0.5 + 0.5 - 1 = 0.1065307 (untouched)
+    k3 = kl_estimate(logp, ref, "k3", clamp=10.0)
+    assert_close(k3, torch.tensor([10.0, 10.0, math.exp(-0.5) - 0.5]), **TOL)
+    assert kl_estimate(logp, ref, "k3")[1] > 4e8  # unbounded without it
+    # k2 = 0.5 * 20^2 = 200 -> 2 with clamp 2; 0.5 * 0.25 = 0.125 stays
+    assert_close(kl_estimate(logp, ref, "k2", clamp=2.0), torch.tensor([2.0, 2.0, 0.125]), **TOL)
+
+
+def test_clamp_must_be_positive():
+    with pytest.raises(ValueError, match="clamp must be > 0"):
+        kl_estimate(LOGP, REF, "k1", clamp=0.0)
+
+
+def test_shape_rewards_uses_the_clamped_estimate():
+    # one row, two valid tokens; k3 of log r = [20, 0] is [4.85e8, 0] -> clamped [10, 0]
+    logp, ref, mask = torch.tensor([[-20.0, -1.0]]), torch.tensor([[0.0, -1.0]]), torch.tensor([[1, 1]])
+    rewards, kl = shape_rewards(torch.tensor([1.0]), logp, ref, mask, kl_coef=0.1, estimator="k3", clamp=10.0)
+    assert_close(kl, torch.tensor([[10.0, 0.0]]), **TOL)
+    # r = -0.1 * [10, 0] + [0, 1] = [-1, 1]
+    assert_close(rewards, torch.tensor([[-1.0, 1.0]]), **TOL)
