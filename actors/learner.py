@@ -24,6 +24,7 @@ Runs unchanged on one CPU machine (backend "gloo", local Ray) and on GPU cluster
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from rlhf.actors import deepspeed_rank
 from rlhf.actors.deepspeed_rank import AdamW, ds_config
+from rlhf.actors.lora import LoraArgs, apply_lora, frozen_left_out
 from rlhf.actors.modeling import ValueModel, load_causal_lm, sequence_logprobs
 from rlhf.actors.learner_weights import WeightExport, _full_shape
 from rlhf.actors.weights import WeightGroup
@@ -62,6 +64,7 @@ class LearnerArgs:
     num_threads: int = 1  # torch intra-op threads per rank (many ranks share few CPU cores)
     logprob_chunk_size: int = 1024  # rows per block in the token log-prob kernel
     packing: bool = False  # pack each micro-batch's sequences into one row (rlhf.actors.modeling)
+    lora: LoraArgs | None = None  # train LoRA adapters only (rlhf.actors.lora); None = every weight
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -225,6 +228,13 @@ class LearnerRank(WeightExport):
         applied = bool(getattr(self.engine, "_step_applied", True)) and not bad.item()
         return applied, lr, grad_norm
 
+    def optimizer_state_numel(self) -> int:
+        """Elements in this rank's optimizer state (Adam's two moments; under ZeRO its
+        partition). With LoRA only the adapters (and a value head) have any."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        return sum(t.numel() for state in inner.state.values() for t in state.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
     def inject_nonfinite(self, updates: int = 1) -> None:
         """Fault injection for tests: this rank's next `updates` optimizer steps see a NaN loss."""
         self._inject_nonfinite = updates
@@ -233,15 +243,19 @@ class LearnerRank(WeightExport):
 
     # ---- checkpoints (all ranks call; `path` must be reachable from every rank) ----------
     def save_checkpoint(self, path: str) -> None:
-        """DeepSpeed states (module, optimizer partitions, LR scheduler) and this rank's RNG."""
-        self.engine.save_checkpoint(path, tag="deepspeed", save_latest=False)
+        """DeepSpeed states (module, optimizer partitions, LR scheduler) and this rank's RNG.
+        With LoRA the frozen base is left out: it is the model folder, reloaded at start."""
+        lora = self.args.lora is not None
+        with frozen_left_out(self.engine.module) if lora else contextlib.nullcontext():
+            self.engine.save_checkpoint(path, tag="deepspeed", save_latest=False, exclude_frozen_parameters=lora)
         torch.save(self._rng_state(), os.path.join(path, f"rng_rank{self.rank}.pt"))
         if self.world_size > 1:
             torch.distributed.barrier()
 
     def load_checkpoint(self, path: str) -> None:
         load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=self.args.lora is None)
         if load_path is None:
             raise FileNotFoundError(f"{self.__class__.__name__} rank {self.rank}: no DeepSpeed checkpoint in {path}")
         self._set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.rank}.pt"), weights_only=False))
@@ -289,6 +303,8 @@ class PolicyLearner(LearnerRank):
 
     def _build_module(self) -> nn.Module:
         self.model = load_causal_lm(self.args.model_path, self.args.dtype, packing=self.args.packing)
+        if self.args.lora is not None:
+            apply_lora(self.model, self.args.lora)
         return _PolicyLogprobs(self.model, self.args.temperature, self.args.logprob_chunk_size)
 
     def _after_initialize(self) -> None:
@@ -385,6 +401,8 @@ class CriticLearner(LearnerRank):
 
     def _build_module(self) -> nn.Module:
         self.model = ValueModel.from_pretrained(self.args.model_path, self.args.dtype, packing=self.args.packing)
+        if self.args.lora is not None:
+            apply_lora(self.model, self.args.lora, trainable=("value_head",))
         return self.model
 
     def _named_weights(self) -> list[tuple[str, nn.Parameter]]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from rlhf.actors import deepspeed_rank
 from rlhf.actors.deepspeed_rank import AdamW
+from rlhf.actors.lora import LoraArgs, apply_lora, merged_state_dict
 from rlhf.orchestrator.models.scoring import last_token_scores, score_sequences
 from rlhf.orchestrator.models.scoring import pad_right as pad_sequences
 from rlhf.orchestrator.rl.losses import pairwise_rm_loss
@@ -76,6 +77,7 @@ class RMWorkerArgs:
     backend: str             # "gloo" (CPU) or "nccl"
     grad_clip: float = 1.0
     num_threads: int = 1     # torch intra-op threads per worker (workers share few cores on CPU)
+    lora: LoraArgs | None = None  # adapters on the backbone, the score head trains whole; None = all weights
 
 
 class LastTokenReward(nn.Module):
@@ -129,6 +131,8 @@ def _train_worker(config: dict) -> None:
 
     model = AutoModelForSequenceClassification.from_pretrained(a.model_path, num_labels=1, dtype=getattr(torch, a.dtype))
     model.config.pad_token_id = pad_id
+    if a.lora is not None:
+        apply_lora(model, a.lora, trainable=("score",))
     module = LastTokenReward(model)
     per_worker = max(1, min(a.prompts_per_batch, len(data.train)) // world)
     batches = _epoch_batches(len(data.train), per_worker * world, a.epochs, a.seed)
@@ -205,7 +209,8 @@ def _train_step(engine, groups: list[PromptGroup], pad_id: int) -> dict[str, flo
 
 
 def _full_state(engine, zero_stage: int, rank: int) -> dict[str, Tensor]:
-    """The reward model's full state dict on rank 0 (every worker must call: ZeRO-3 gathers)."""
+    """The reward model's full state dict on rank 0 (every worker must call: ZeRO-3 gathers),
+    LoRA adapters merged in: what the plain class's save_pretrained expects."""
     import contextlib
 
     import deepspeed
@@ -214,7 +219,7 @@ def _full_state(engine, zero_stage: int, rank: int) -> dict[str, Tensor]:
     gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if rank == 0 else {}
+        state = merged_state_dict(model) if rank == 0 else {}
     return state
 
 

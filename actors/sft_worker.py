@@ -27,6 +27,7 @@ import torch
 
 from rlhf.actors import deepspeed_rank
 from rlhf.actors.learner import LearnerArgs, PolicyLearner
+from rlhf.actors.lora import LoraArgs
 from rlhf.orchestrator.data.prompts import prompt_batches
 from rlhf.orchestrator.experience import dialogue_batch
 from rlhf.orchestrator.rl import aggregate_loss
@@ -52,6 +53,7 @@ class SFTLoopArgs:
     pad_id: int
     metrics_path: str
     checkpoint_path: str
+    lora: dict | None = None  # asdict(LoraArgs) (it travels as plain values), None = full fine-tuning
 
 
 def global_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> list[list[int]]:
@@ -117,7 +119,8 @@ def train_loop(config: dict) -> None:
     a = SFTLoopArgs(**config)
     learner = SFTLearner(LearnerArgs(model_path=a.model_path, dtype=a.dtype, zero_stage=a.zero_stage, lr=a.lr,
                                      micro_batch_size=a.micro_batch_size, seed=a.seed,
-                                     backend=torch.distributed.get_backend()),
+                                     backend=torch.distributed.get_backend(),
+                                     lora=LoraArgs(**a.lora) if a.lora else None),
                          total_steps=a.total_steps, pad_id=a.pad_id)
     learner.join_train_group()
     rank, world = learner.rank, learner.world_size
