@@ -122,8 +122,10 @@ def load_task(spec: str | None, key: str = "data.task") -> Task | None:
 # Imported last: the built-ins import nothing from here, and the registry needs them.
 from rlhf.orchestrator.tasks.arithmetic import ArithmeticTask  # noqa: E402
 from rlhf.orchestrator.tasks.instruct import InstructTask  # noqa: E402
+from rlhf.orchestrator.tasks.rules import RulesTask  # noqa: E402
 
 TASKS: dict[str, Callable[[], Task]] = {
     "arithmetic": ArithmeticTask,
     "instruct": InstructTask,
+    "rules": RulesTask,
 }
