@@ -11,6 +11,8 @@
     rlhf plan CONFIG [overrides] [--cluster FILE] [--node-type NAME]   placement + GPU memory, exit 2 if it does not fit
     rlhf eval CONFIG A B [overrides] [--prompts FILE] [--samples N] [--out FILE.json]   win rate of A over B
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
+    rlhf model import SOURCE --out DIR [--force]      GGUF file (or folder holding one) -> checked HF folder
+    rlhf model list                                  known model names (e.g. smollm2-135m-instruct), what is cached
 
 Dotted overrides follow CONFIG and may come before, between or after the options.
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
@@ -18,10 +20,11 @@ Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime fa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlhf.orchestrator.errors import (EXIT_BAD_INPUT, EXIT_OK, EXIT_RUNTIME, BadInput, RemoteCallFailed,
-                                      RemoteCallTimeout, TrainingAborted)
+                                      RemoteCallTimeout, StageFailed, TrainingAborted)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -166,7 +169,8 @@ def _cmd_chat(args) -> int:
 
 def _add_chat(sub) -> None:
     chat = sub.add_parser("chat", help="talk to a model folder (multi-turn; --once for one reply)")
-    chat.add_argument("checkpoint", help="Hugging Face model folder, e.g. runs/NAME/checkpoints/final/policy")
+    chat.add_argument("checkpoint", help="Hugging Face model folder, e.g. runs/NAME/checkpoints/final/policy, "
+                                         "or a known name (rlhf model list)")
     chat.add_argument("--once", default=None, metavar="TEXT", help="answer this one message and exit")
     chat.add_argument("--system", default=None, metavar="TEXT", help="system message opening the conversation")
     chat.add_argument("--max-new-tokens", type=_positive_int, default=128, help="longest reply in tokens")
@@ -210,19 +214,42 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.orchestrator.cluster.plan import register as register_plan
 
     register_plan(sub)  # plan
+    from rlhf.orchestrator.models.registry import register as register_model
+
+    register_model(sub)  # model import|list
     return parser
 
 
+def _unexpected(argv: list[str] | None, err: Exception) -> str:
+    """One line for an error no stage named (a bug): what failed, and where the traceback went."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="rlhf-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(" ".join(["rlhf", *(sys.argv[1:] if argv is None else argv)]) + "\n\n")
+        traceback.print_exception(err, file=f)
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"unexpected {type(err).__name__}: {first[:300]} (traceback in {path})"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rlhf.orchestrator.run.lock import release_all
+
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (RemoteCallFailed, RemoteCallTimeout, TrainingAborted) as err:
+    except (RemoteCallFailed, RemoteCallTimeout, TrainingAborted, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_RUNTIME
+    except Exception as err:  # noqa: BLE001 - the contract is one line, even for a bug
+        print(f"error: {_unexpected(argv, err)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        release_all()  # the run folders this command locked (run/lock.py)
 
 
 if __name__ == "__main__":

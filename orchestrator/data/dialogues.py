@@ -7,8 +7,12 @@ InstructGPT's SFT data are labeler-written demonstrations; here they are, in thi
     weight: a source of weight w and N rows contributes round(w * N) of them (data/sources.py).
 Malformed rows are bad input naming file:line (or dataset row).
 
-Tokenization uses the model's chat template; its `{% generation %}` blocks give the mask
-of assistant tokens, the only tokens the SFT loss trains on.
+Tokenization uses the model's chat template. The SFT loss trains only on assistant tokens: each
+assistant reply and the end-of-turn token(s) after it (the policy must learn to stop), never the
+assistant header the prompt supplies. A template with `{% generation %}` blocks marks them
+itself; for any other (SmolLM2's ChatML, most real models') the mask comes from rendering
+prefixes of the conversation: the tokens between `messages[:i]` with the generation prompt
+and `messages[:i+1]` are assistant turn i (`prefix_assistant_mask`).
 """
 from __future__ import annotations
 
@@ -46,21 +50,22 @@ def encode_dialogues(tokenizer, dialogues: list[Dialogue], max_tokens: int) -> E
     """Chat-templated token ids and assistant-token masks, cut to `max_tokens`.
 
     A dialogue with no assistant token left to predict (none at all, or all cut off) is
-    dropped and counted in `skipped`. Raises BadInput if the tokenizer has no chat template
-    or one without `{% generation %}` blocks (no assistant mask), or if nothing is left.
+    dropped and counted in `skipped`. Raises BadInput if the tokenizer has no chat template,
+    if the template's prefixes cannot be lined up with the full conversation (see
+    `prefix_assistant_mask`), or if nothing is left.
     """
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise BadInput("model: the tokenizer has no chat template; SFT needs one with {% generation %} "
-                       "blocks around assistant turns")
-    if not _GENERATION_BLOCK.search(template if isinstance(template, str) else json.dumps(template)):
-        raise BadInput("model: the tokenizer's chat template has no {% generation %} block, so assistant "
-                       "tokens cannot be told apart; add one around each assistant turn's content")
+        raise BadInput("model: the tokenizer has no chat template; SFT needs one to tell assistant turns apart")
+    marked = bool(_GENERATION_BLOCK.search(template if isinstance(template, str) else json.dumps(template)))
     out = EncodedDialogues(rows=[])
     for dialogue in dialogues:
-        enc = tokenizer.apply_chat_template(dialogue, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        if marked:
+            enc = tokenizer.apply_chat_template(dialogue, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
+        else:
+            ids, mask = prefix_assistant_mask(tokenizer, dialogue)
         cut = len(ids) > max_tokens
         ids, mask = ids[:max_tokens], mask[:max_tokens]
         # Position 0 is never a target (nothing predicts it), so it does not count.
@@ -73,3 +78,65 @@ def encode_dialogues(tokenizer, dialogues: list[Dialogue], max_tokens: int) -> E
         raise BadInput(f"sft.max_tokens: no dialogue has an assistant token within the first {max_tokens} "
                        f"tokens ({out.skipped} dialogues skipped)")
     return out
+
+
+def _render(tokenizer, messages: Dialogue, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _reply_spans(tokenizer, dialogue: Dialogue) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered dialogue and the [start, end) character span of each assistant turn.
+
+    Turn i spans from the end of `messages[:i]` rendered with the generation prompt (so the
+    assistant header is prompt) to the end of `messages[:i+1]`, less trailing whitespace (the
+    "\n" ChatML puts after <|im_end|> is never generated: sampling stops at <|im_end|>). An
+    assistant turn that opens the dialogue has no prompt to render and is context only.
+    """
+    full = _render(tokenizer, dialogue, False)
+    spans = []
+    for i, message in enumerate(dialogue):
+        if message["role"] != "assistant" or i == 0:
+            continue
+        before, through = _render(tokenizer, dialogue[:i], True), _render(tokenizer, dialogue[: i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise BadInput("model: the tokenizer's chat template does not render a conversation's first turns as "
+                           "the start of the whole (so assistant turns cannot be told apart); add {% generation %} "
+                           "blocks around each assistant turn's content")
+        spans.append((len(before), max(len(before), len(through.rstrip()))))
+    return full, spans
+
+
+def prefix_assistant_mask(tokenizer, dialogue: Dialogue) -> tuple[list[int], list[int]]:
+    """Token ids [T] of the chat-templated dialogue and its assistant mask [T] of 0/1, for a
+    template without `{% generation %}` blocks.
+
+    Token level first: the ids of each rendered prefix must be a true prefix of the full ids
+    (a tokenizer may merge tokens across a boundary, and then they are not). Failing that,
+    character offsets (`return_offsets_mapping`, fast tokenizers): a token is assistant if it
+    overlaps an assistant span.
+    """
+    full, spans = _reply_spans(tokenizer, dialogue)
+    ids = _encode(tokenizer, full)
+    mask = [0] * len(ids)
+    for start, end in spans:
+        head, turn = _encode(tokenizer, full[:start]), _encode(tokenizer, full[:end])
+        if ids[: len(head)] != head or ids[: len(turn)] != turn:
+            return _offset_mask(tokenizer, full, spans)
+        mask[len(head): len(turn)] = [1] * (len(turn) - len(head))
+    return ids, mask
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # As apply_chat_template tokenizes: the template writes any special tokens itself.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _offset_mask(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise BadInput("model: the tokenizer merges tokens across chat-template turns and gives no character "
+                       "offsets (not a fast tokenizer), so assistant turns cannot be told apart; add "
+                       "{% generation %} blocks around each assistant turn's content") from None
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask

@@ -19,7 +19,7 @@ import ray
 from rlhf.actors.timing import with_compute_clock
 from rlhf.orchestrator.run.checkpoint import CheckpointManager
 from rlhf.orchestrator.config import ExperimentConfig
-from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.errors import BadInput, TrainingAborted
 from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.ppo.judging import JudgePlan, Selection
 from rlhf.orchestrator.run.logger import RunLogger
@@ -27,6 +27,8 @@ from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resour
 from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
 from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
+from rlhf.orchestrator.run.lock import holds, lock_run_dir
+from rlhf.orchestrator.ppo.trainer import kl_abort_reason
 from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 from rlhf.orchestrator.tasks import load_task
 
@@ -42,14 +44,18 @@ class Roles:
 
 
 def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]) -> str:
-    """The initial policy folder: built from the task corpus for `tiny`, else the name/path as given."""
+    """The initial policy folder: built from the task corpus for `tiny`, imported once for a
+    known name (`rlhf model list`), else the name/path as given."""
     if cfg.model.policy != "tiny":
-        path = Path(cfg.model.policy)
+        from rlhf.orchestrator.models.registry import resolve_model
+
+        policy = resolve_model(cfg.model.policy, "model.policy")
+        path = Path(policy)
         if path.is_dir():
             return str(path.resolve())  # actors run in other working directories
-        if path.is_absolute() or cfg.model.policy.startswith(".") or (path.parent != Path(".") and path.parent.is_dir()):
+        if path.is_absolute() or policy.startswith(".") or (path.parent != Path(".") and path.parent.is_dir()):
             raise BadInput(f"model.policy: no such model folder: {path}")
-        return cfg.model.policy  # a hub name such as Qwen/Qwen2.5-0.5B-Instruct
+        return policy  # a hub name such as Qwen/Qwen2.5-0.5B-Instruct
     from rlhf.orchestrator.models.tiny import TinyModelSpec, build_tiny_from_corpus, is_complete_model_dir
 
     model_dir = out / "init_model"
@@ -88,6 +94,29 @@ def model_paths(cfg: ExperimentConfig, policy: str, reference: str | None = None
     return ModelPaths(policy=policy, reference=reference or policy, critic=critic)
 
 
+def check_lora_targets(cfg: ExperimentConfig, paths: ModelPaths) -> None:
+    """policy.lora / critic.lora target modules that match nothing: BadInput now, on the meta
+    device, before Ray or DeepSpeed start (rlhf.actors.lora)."""
+    from rlhf.actors.lora import LoraArgs, check_targets_for
+
+    check_targets_for(paths.policy, LoraArgs.from_config(cfg.policy.lora, "policy.lora"))
+    if cfg.ppo.advantage == "gae":
+        check_targets_for(paths.critic, LoraArgs.from_config(cfg.critic.lora, "critic.lora"))
+
+
+def check_all_lora_targets(cfg: ExperimentConfig, out: Path) -> None:
+    """sft/rm/policy/critic.lora against the starting model before Ray starts (pipeline, sft
+    and rm stages). A tiny model is not built yet: run_sft, run_rm and start_ppo check it
+    in the driver once it is, before any worker starts."""
+    from rlhf.actors.lora import LoraArgs, check_targets_for
+
+    if cfg.model.policy == "tiny":
+        return
+    path = resolve_policy(cfg, out, [])
+    for key in ("sft", "rm", "policy", "critic"):
+        check_targets_for(path, LoraArgs.from_config(getattr(cfg, key).lora, f"{key}.lora"))
+
+
 def rollout_engine_class(backend: str) -> type:
     """The engine class of `rollout.backend`. Both take the same arguments (the HF one
     ignores the vLLM-only ones) and have the same methods."""
@@ -102,6 +131,7 @@ def rollout_engine_class(backend: str) -> type:
 
 def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float) -> Roles:
     from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
+    from rlhf.actors.lora import LoraArgs
     from rlhf.actors.reference import ReferenceModel
     from rlhf.actors.reward import RewardScorer
     from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
@@ -126,12 +156,14 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
         for i in range(cfg.rollout.engines)]
 
     def learner_args(section, model_path: str, seed_offset: int) -> LearnerArgs:
+        role = "policy" if section is cfg.policy else "critic"
         return LearnerArgs(model_path=model_path, dtype=cfg.model.dtype, zero_stage=section.zero_stage,
                            lr=section.lr, weight_decay=section.weight_decay, grad_clip=section.grad_clip,
                            warmup_steps=section.warmup_steps, micro_batch_size=cfg.ppo.micro_batch_size,
                            seed=cfg.seed + seed_offset, temperature=cfg.rollout.temperature,
                            backend="nccl" if cfg.placement.gpus_per_node else "gloo", offload=section.offload,
-                           gradient_checkpointing=section.gradient_checkpointing, packing=cfg.model.packing)
+                           gradient_checkpointing=section.gradient_checkpointing, packing=cfg.model.packing,
+                           lora=LoraArgs.from_config(section.lora, f"{role}.lora"))
 
     policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, paths.policy, 0))
                                      for i in range(cfg.policy.num_ranks)], timeout_s)
@@ -199,13 +231,20 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
 
     if not cfg.reward.functions and cfg.model.reward is None:
         raise BadInput("reward.functions: no reward source; set model.reward or at least one reward function")
+    if cfg.model.reward is not None:  # a known name -> its imported folder
+        from rlhf.orchestrator.models.registry import resolve_model
+
+        reward = resolve_model(cfg.model.reward, "model.reward")
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"reward": reward})})
     plan = plan_resources(cfg)
     out = Path(out_dir).resolve()
-    if not resume and CheckpointManager(out / "checkpoints").latest() is not None:
-        raise BadInput(f"output folder {out} holds checkpoints of an earlier run; pass --resume to continue it "
-                       "or choose another --out")
     created = not out.exists()
     try:
+        # The folder's lock first (run/lock.py): a second writer is refused before it looks.
+        lock_run_dir(out)
+        if not resume and CheckpointManager(out / "checkpoints").latest() is not None:
+            raise BadInput(f"output folder {out} holds checkpoints of an earlier run; pass --resume to continue it "
+                           "or choose another --out")
         out = prepare_run_dir(out, cfg)
         task = load_task(cfg.data.task)
         dialogues = load_prompts(cfg, task)
@@ -217,13 +256,14 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
+        check_lora_targets(cfg, model_paths(cfg, model_path, reference))
         prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
         if demos is not None:
             ptx_rows = encode_dialogues(tokenizer, demos, cfg.sft.max_tokens).rows
         start_ray(address, int(plan.total("CPU")))
         pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
     except BadInput:
-        if created:  # nothing half-written: the folder this call made goes again
+        if created and holds(out):  # nothing half-written: the folder this call made goes again
             shutil.rmtree(out, ignore_errors=True)
         raise
     try:
@@ -257,11 +297,13 @@ def save_checkpoint(session: PPOSession, ckpts: CheckpointManager, step: int, ti
 
 
 def restore_checkpoint(session: PPOSession, ckpts: CheckpointManager, timeout_s: float) -> tuple[int, list[dict]]:
-    """Loads the latest complete checkpoint into the running roles; returns (steps done,
-    metric rows up to then). No checkpoint: (0, []), a fresh start."""
+    """Loads the latest complete checkpoint that passes checkpoint.verify into the running
+    roles; returns (steps done, metric rows up to then). No checkpoint: (0, []), a fresh start."""
     for partial in ckpts.clean_partial():
         print(f"resume: removed the incomplete checkpoint {partial.name} (a crash while it was written)")
-    path = ckpts.latest()
+    path, note = ckpts.select(session.cfg.checkpoint.verify)
+    if note:
+        print(f"resume: {note}")
     metrics = session.out / "metrics.jsonl"
     if path is None:
         print(f"resume: no checkpoint in {ckpts.root}; starting from step 1")
@@ -327,6 +369,8 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
                 stopped = step if selection.should_stop else None
             logger.log(metrics)
             history.append(metrics)
+            if reason := kl_abort_reason(step, metrics["kl/mean"], cfg.ppo.abort_kl, cfg.policy.lr):
+                raise TrainingAborted(reason)  # this step's row is logged; no checkpoint is taken of it
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/mean']:.3f}",
                             **({"judge": f"{selection.history[-1][1]:.3f}"} if selection and selection.history else {}))
             if stopped or step == steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):

@@ -38,14 +38,15 @@ class Advantages:
 
 def make_advantages(name: str, scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
                     values: torch.Tensor | None, mask: torch.Tensor, kl_coef: float, kl_estimator: str,
-                    gamma: float, lam: float, n: int, whiten: bool) -> Advantages:
+                    gamma: float, lam: float, n: int, whiten: bool, kl_clamp: float | None = None) -> Advantages:
     """KL-shaped rewards, then advantages by estimator name.  Token tensors [B, T-1], scores [B].
 
     gae, reinforce_pp: r_t = -beta * KL_t, plus the score at the last response token.
     grpo, rloo: outcome-level, so the KL enters the sequence score: r = score - beta * sum_t KL_t.
     `whiten` normalises GAE advantages over the batch (group estimators normalise themselves).
+    `kl_clamp` bounds each token's KL estimate to [-kl_clamp, kl_clamp] (ppo.kl.clamp; None = off).
     """
-    rewards, kl = shape_rewards(scores, logp, ref_logp, mask, kl_coef, kl_estimator)
+    rewards, kl = shape_rewards(scores, logp, ref_logp, mask, kl_coef, kl_estimator, kl_clamp)
     params = AdvantageParams(gamma=gamma, lam=lam, n=n)
     if name in ("grpo", "rloo"):
         inputs = AdvantageInputs(mask=mask, scores=scores - kl_coef * masked_sum(kl, mask, dim=1))
@@ -66,6 +67,21 @@ def sampler_logprobs(samples, mask: torch.Tensor) -> torch.Tensor:
         start = int(mask[i].nonzero()[0]) if lengths[i] > 0 else 0
         sampler[i, start:start + len(lp)] = torch.tensor(lp)
     return sampler
+
+
+def kl_abort_reason(step: int, kl_per_reply: float, abort_kl: float | None, lr: float) -> str | None:
+    """ppo.abort_kl: the one-line reason to stop the run after `step`, or None to go on.
+
+    `kl_per_reply` is the step's `kl/mean` (summed per-token KL estimate to the reference,
+    averaged over replies). Past `abort_kl` nats the policy no longer writes like its starting
+    model (a learning rate far too high for a pretrained model does that in one step) and more
+    steps only spend time. A NaN KL is left to the non-finite guard; `abort_kl` None: never.
+    """
+    if abort_kl is None or not kl_per_reply > abort_kl:
+        return None
+    return (f"ppo step {step}: KL to the reference reached {kl_per_reply:.1f} nats per reply (ppo.abort_kl = "
+            f"{abort_kl:g}): the policy has left its starting model; lower policy.lr (now {lr:g}) or raise "
+            "ppo.abort_kl")
 
 
 class PhaseTimer:
@@ -158,7 +174,7 @@ class PPOTrainer:
             # 3. KL-shaped rewards and advantages (pure functions, orchestrator/rl/).
             adv = make_advantages(cfg.ppo.advantage, torch.tensor(scores.total), old_logp, ref_logp, values, mask,
                                   self.kl_ctl.value, cfg.ppo.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, n,
-                                  cfg.ppo.whiten_advantages)
+                                  cfg.ppo.whiten_advantages, kl_clamp=cfg.ppo.kl.clamp)
             advantages = adv.advantages
             if cfg.rollout.overlap:  # off-policy by one step: weight by pi_learner / pi_sampler
                 advantages = advantages * behavior_importance_weights(

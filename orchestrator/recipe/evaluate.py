@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from rlhf.orchestrator.config import DataSourceConfig, ExperimentConfig
-from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.errors import BadInput, StageFailed
 from rlhf.orchestrator.recipe.report import prompt_scores
+from rlhf.orchestrator.run.lock import lock_out_file
 
 
 def win_rate_ci(a: list[float], b: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
@@ -98,6 +99,19 @@ def _check_out(out: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise BadInput(f"--out {out}: cannot create its folder ({err.strerror or type(err).__name__})") from None
+    lock_out_file(path)  # a second `rlhf eval --out` of the same file stops here (exit 2)
+
+
+def _scores(name: str, model_dir: str, prompts, judge, samples: int, cfg: ExperimentConfig) -> list[float]:
+    """prompt_scores, with a failure (a model that does not load, a judge that raises) as one
+    line naming the checkpoint and the phase (exit 1)."""
+    try:
+        return prompt_scores(model_dir, prompts, judge, samples, cfg.rollout.max_new_tokens,
+                             cfg.rollout.temperature, cfg.seed)
+    except Exception as err:  # noqa: BLE001 - one line, exit 1 (errors.py)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise StageFailed(f"eval: checkpoint {name.upper()} ({model_dir}): loading, generating or judging "
+                          f"failed: {type(err).__name__}: {first}"[:500]) from err
 
 
 def run_eval(cfg: ExperimentConfig, a: str, b: str, prompts_file: str | None = None, samples: int | None = None,
@@ -118,8 +132,7 @@ def run_eval(cfg: ExperimentConfig, a: str, b: str, prompts_file: str | None = N
         raise BadInput(f"{prompts_file or 'pipeline.eval_prompts'}: no prompts to evaluate on")
     judge = build_judge(cfg, task)
     # One seed for both: the only difference between the two reply sets is the model.
-    scores = {name: prompt_scores(model_dir, prompts, judge, samples, cfg.rollout.max_new_tokens,
-                                  cfg.rollout.temperature, cfg.seed) for name, model_dir in (("a", a), ("b", b))}
+    scores = {name: _scores(name, model_dir, prompts, judge, samples, cfg) for name, model_dir in (("a", a), ("b", b))}
     result = {**win_rate_ci(scores["a"], scores["b"], seed=cfg.seed), "level": 0.95, "a": str(a), "b": str(b),
               "prompts": source, "samples": samples, "judge": judge_label(cfg),
               "mean_score_a": float(np.mean(scores["a"])), "mean_score_b": float(np.mean(scores["b"])),

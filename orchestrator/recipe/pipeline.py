@@ -36,8 +36,10 @@ from rlhf.orchestrator.data.prompts import build_prompts, load_eval_prompts, loa
 from rlhf.orchestrator.data.sources import load_preferences
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.ppo.judging import HeldOutJudge, JudgePlan
-from rlhf.orchestrator.ppo.launch import resolve_policy, rollout_engine_class, run_ppo, start_ray
+from rlhf.orchestrator.ppo.launch import (check_all_lora_targets, resolve_policy, rollout_engine_class, run_ppo,
+                                          start_ray)
 from rlhf.orchestrator.ppo.placement import plan_resources
+from rlhf.orchestrator.run.lock import lock_run_dir
 from rlhf.orchestrator.run.rundir import prepare_run_dir, write_atomic
 from rlhf.orchestrator.tasks import load_task
 
@@ -107,6 +109,7 @@ def run_sft_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     from rlhf.orchestrator.recipe.sft import run_sft
 
     dialogues = load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed)  # bad data fails before the folder
+    check_all_lora_targets(cfg, Path(out_dir))  # so do LoRA targets that match no layer
     out = prepare_run_dir(out_dir, cfg)
     base = resolve_policy(cfg, out, dialogues)
     start_ray(address, cfg.sft.num_workers + 1)
@@ -191,7 +194,9 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
 
     plan_resources(cfg)  # a layout that cannot work fails before anything is written
     inputs = load_inputs(cfg)  # so does bad data, a labeler that cannot load, a judge that cannot score
+    check_all_lora_targets(cfg, Path(out_dir))  # and LoRA targets that match no layer
     out = Path(out_dir)
+    lock_run_dir(out)  # one writer: a second pipeline into this folder stops here (exit 2)
     if (out / STATE_FILE).is_file() and not resume:
         raise BadInput(f"output folder {out} holds a pipeline run; pass --resume to continue it or choose another --out")
     out = prepare_run_dir(out, cfg)
@@ -246,11 +251,12 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
             if not state.done(f"round{r}/eval"):
                 ev = evaluate_policies(ppo_stage["checkpoint"], sft, inputs.eval_prompts, inputs.judge,
                                        n_samples=cfg.pipeline.eval_samples, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       temperature=cfg.rollout.temperature, seed=cfg.seed)
+                                       temperature=cfg.rollout.temperature, seed=cfg.seed, start_dir=base)
                 ev.update(rm_pairwise_accuracy=rm_stage["accuracy"], selected_step=ppo_stage["selected_step"],
                           stopped_early=ppo_stage["stopped_early"])
+                samples = ev.pop("samples")  # start/SFT/final replies: report.md and eval.json, not the state
                 rows = [json.loads(line) for line in (rd / "ppo" / "metrics.jsonl").read_text().splitlines()]
-                write_round_report(rd, r, rows, ev)
+                write_round_report(rd, r, rows, ev, samples)
                 state.mark(f"round{r}/eval", **ev)
                 if best["score"] is None:
                     best["score"] = ev["labeler_score/sft"]
@@ -265,13 +271,20 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                "peak_rss_gib": memory.peak_bytes / 2**30, "seconds": time.perf_counter() - started}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     chosen = "SFT (no round beat it)" if best["round"] == 0 else f"round {best['round']}"
-    print(f"pipeline done: {cfg.pipeline.rounds} round(s) in {summary['seconds']:.0f}s; last round: win rate vs SFT "
-          f"{last['win_rate_vs_sft']:.0%}, judge score {last['labeler_score/sft']:.2f} -> "
-          f"{last['labeler_score/final']:.2f}, RM held-out accuracy {_pct(last['rm_pairwise_accuracy'])}; chosen policy: "
-          f"{chosen} (judge {best['score']:.2f}), peak memory {summary['peak_rss_gib']:.1f} GiB; "
+    distinct = "/".join(_num(last.get(f"distinct2/{p}"), ".2f") for p in ("start", "sft", "final"))
+    print(f"pipeline done: {cfg.pipeline.rounds} round(s) in {summary['seconds']:.0f}s; last round: win rate vs the "
+          f"starting model {_pct(last.get('win_rate_vs_start'))}, vs SFT {last['win_rate_vs_sft']:.0%}, judge score "
+          f"{last['labeler_score/sft']:.2f} -> {last['labeler_score/final']:.2f}, RM held-out accuracy "
+          f"{_pct(last['rm_pairwise_accuracy'])}, KL to SFT {_num(last.get('kl_to_sft/final'), '.2f')} nats per reply, "
+          f"distinct-2 of replies start/SFT/final {distinct}; "
+          f"chosen policy: {chosen} (judge {best['score']:.2f}), peak memory {summary['peak_rss_gib']:.1f} GiB; "
           f"report in {out / f'round{cfg.pipeline.rounds}'}")
     return summary
 
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -44,12 +44,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.actors.lora import LoraArgs, check_targets_for
 from rlhf.actors.rm_worker import EVAL_FILE, PromptGroup, RMData, RMWorkerArgs, _train_worker
 from rlhf.orchestrator.recipe.comparisons import Comparison
 from rlhf.orchestrator.config import ExperimentConfig
-from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.errors import BadInput, RemoteCallFailed
 from rlhf.orchestrator.models.scoring import turn_end_ids
 from rlhf.orchestrator.run.rundir import replace_folder
+from rlhf.orchestrator.recipe.sft import worker_failure
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,14 @@ def run_rm(cfg: ExperimentConfig, init_model_path: str, comparisons: list[Compar
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = build_rm_data(cfg, comparisons, demonstrations, tokenizer_path, init_model_path)
+    lora = LoraArgs.from_config(cfg.rm.lora, "rm.lora")
+    check_targets_for(init_model_path, lora)  # before any worker starts
     use_gpu = cfg.placement.gpus_per_node > 0
     args = RMWorkerArgs(
         model_path=str(init_model_path), tokenizer_path=str(tokenizer_path), metrics_path=str(out / "metrics.jsonl"),
         data_ref=ray.put(data), zero_stage=cfg.rm.zero_stage, lr=cfg.rm.lr, prompts_per_batch=cfg.rm.prompts_per_batch,
         epochs=cfg.rm.epochs, max_steps=max_steps, seed=cfg.seed, dtype=cfg.model.dtype,
-        backend="nccl" if use_gpu else "gloo")
+        backend="nccl" if use_gpu else "gloo", lora=lora)
     trainer = TorchTrainer(
         _train_worker, train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=cfg.rm.num_workers, use_gpu=use_gpu),
@@ -92,11 +96,10 @@ def run_rm(cfg: ExperimentConfig, init_model_path: str, comparisons: list[Compar
         run_config=RunConfig(name=f"rm-{uuid.uuid4().hex[:8]}", storage_path=str(out / "ray_train")))
     try:
         result = trainer.fit()
-    except Exception as err:  # Ray wraps the worker's exception; keep its first line
-        first = next((ln for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        raise RuntimeError(f"reward-model training (Ray Train workers) failed: {first}") from err
+    except Exception as err:  # noqa: BLE001 - every worker/controller failure becomes one line (exit 1)
+        raise worker_failure(err, role="reward-model") from err
     if result.checkpoint is None:
-        raise RuntimeError("reward-model training (Ray Train workers) finished without a checkpoint")
+        raise RemoteCallFailed("reward-model worker (rank 0) finished training without a checkpoint")
     final = out / "checkpoint"
     with result.checkpoint.as_directory() as src:
         _install_folder(Path(src), final)

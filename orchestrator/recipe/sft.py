@@ -21,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rlhf.actors.lora import LoraArgs, check_targets_for
 from rlhf.actors.sft_worker import SFTLoopArgs, train_loop
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
@@ -66,13 +67,14 @@ def _last_line(err: BaseException) -> str:
     return text if text.startswith(name) else f"{name}: {text}"
 
 
-def worker_failure(err: Exception) -> RemoteCallFailed:
-    """One line naming the failing SFT worker (the lowest failed rank) and its root error."""
+def worker_failure(err: Exception, role: str = "sft") -> RemoteCallFailed:
+    """One line naming the failing Ray Train worker of `role` (the lowest failed rank) and its
+    root error; the reward-model stage uses it too (role "reward-model")."""
     failures = getattr(err, "worker_failures", None) or {}
     if failures:
         rank, cause = min(failures.items(), key=lambda item: item[0])
-        return RemoteCallFailed(f"sft worker (rank {rank}) failed: {_last_line(cause)}"[:500])
-    return RemoteCallFailed(f"sft worker group failed: {_last_line(err)}"[:500])
+        return RemoteCallFailed(f"{role} worker (rank {rank}) failed: {_last_line(cause)}"[:500])
+    return RemoteCallFailed(f"{role} worker group failed: {_last_line(err)}"[:500])
 
 
 def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: int | None = None) -> SFTResult:
@@ -91,11 +93,14 @@ def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: in
     data = encode_dialogues(tokenizer, load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed), sft.max_tokens)
     steps = plan_steps(len(data.rows), sft.batch_size, sft.epochs, sft.max_steps, max_steps)
     metrics_path, checkpoint = out / "metrics.jsonl", out / "checkpoint"
+    lora = LoraArgs.from_config(sft.lora, "sft.lora")
+    check_targets_for(model_path, lora)  # before any worker starts
     args = SFTLoopArgs(model_path=str(model_path), rows=data.rows, total_steps=steps, batch_size=sft.batch_size,
                        micro_batch_size=sft.micro_batch_size, zero_stage=sft.zero_stage, lr=sft.lr,
                        dtype=cfg.model.dtype, seed=cfg.seed,
                        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                       metrics_path=str(metrics_path), checkpoint_path=str(checkpoint))
+                       metrics_path=str(metrics_path), checkpoint_path=str(checkpoint),
+                       lora=asdict(lora) if lora else None)
     on_gpu = cfg.placement.gpus_per_node > 0
     trainer = TorchTrainer(
         train_loop, train_loop_config=asdict(args),
@@ -107,7 +112,7 @@ def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: in
     except Exception as err:  # noqa: BLE001 - every worker/controller failure becomes one line
         raise worker_failure(err) from err
     if not _is_model_dir(checkpoint):
-        raise RuntimeError(f"sft worker (rank 0) finished without writing a model to {checkpoint}")
+        raise RemoteCallFailed(f"sft worker (rank 0) finished without writing a model to {checkpoint}")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     final = [r for r in rows if "sft/loss" in r][-1]
     print(f"sft done: {steps} steps on {len(data.rows)} dialogues ({data.truncated} truncated, "

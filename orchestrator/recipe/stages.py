@@ -25,9 +25,10 @@ from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.data.sources import PreferencePair, load_preferences
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.models.scoring import turn_end_ids
-from rlhf.orchestrator.ppo.launch import resolve_policy, start_ray
+from rlhf.orchestrator.ppo.launch import check_all_lora_targets, resolve_policy, start_ray
 from rlhf.orchestrator.recipe.comparisons import Comparison, ComparisonStore, prompt_key
 from rlhf.orchestrator.recipe.rm import RMResult
+from rlhf.orchestrator.run.lock import holds
 from rlhf.orchestrator.run.rundir import prepare_run_dir
 
 STORE_FILE = "comparisons.sqlite"
@@ -87,6 +88,7 @@ def run_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
     if not pairs and not stored:
         where = f"; {store_path} has no ranked comparisons either" if store_path.is_file() else ""
         raise BadInput(f"data.comparisons: no comparisons to train on (give preference files or datasets){where}")
+    check_all_lora_targets(cfg, out)  # LoRA targets that match no layer, before any folder
     created = not out.exists()
     try:
         out = prepare_run_dir(out, cfg)
@@ -99,7 +101,7 @@ def run_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
         result = run_rm(cfg, model, comparisons, demonstrations=None, tokenizer_path=model,
                         out_dir=out / "rm", max_steps=max_steps)
     except BadInput:
-        if created:  # nothing half-written: the folder this call made goes again
+        if created and holds(out):  # nothing half-written: the folder this call made goes again
             shutil.rmtree(out, ignore_errors=True)
         raise
     held = "n/a (rm.held_out_fraction is 0)" if result.heldout_accuracy is None else f"{result.heldout_accuracy:.0%}"

@@ -8,6 +8,7 @@ runs before it (a tiny model is built for the rows that need a tokenizer).
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ CASES = [
     ("GPU-only sync on CPU", PPO + ["sync.backend=nccl"], "sync.backend"),
     ("usage: --max-steps 0", PPO + ["--max-steps", "0"], "--max-steps"),
     ("missing model folder", PPO + ["model.policy=./no/such/model"], "model.policy"),
+    ("LoRA targets that match no layer", PPO + ["policy.lora.target_modules=[foo]"], "policy.lora.target_modules"),
     ("data file missing", PPO + ["data.prompts={d}/absent.jsonl"], "absent.jsonl"),
     ("malformed JSONL line", PPO + ["data.prompts={d}/bad.jsonl"], "bad.jsonl:2"),
     ("empty dataset", PPO + ["data.prompts={d}/empty.jsonl"], "empty dataset"),
@@ -78,6 +80,12 @@ CASES = [
     ("human labeler, nothing ranked, --resume", PIPE + [
         "labeler.kind=human", "pipeline.judge={{kind: task}}", "--resume", "--out", "{d}/human_run"],
      "wait for ranking"),
+    # Model import and known names (orchestrator/models/gguf_import.py, registry.py).
+    ("model import: truncated GGUF", ["model", "import", "{d}/truncated.gguf", "--out", "{out}"], "is truncated"),
+    ("model import: not a GGUF", ["model", "import", "{d}/good.jsonl", "--out", "{out}"], "is not a GGUF file"),
+    ("model import: --out exists, no --force", ["model", "import", "{d}/truncated.gguf", "--out", "{d}/other_run"],
+     "pass --force"),
+    ("known model name misspelt", PPO + ["model.policy=smollm2-135m"], "did you mean 'smollm2-135m-instruct'"),
 ]
 
 
@@ -112,6 +120,8 @@ def fixtures(tmp_path_factory) -> Path:
 
     Dataset.from_list([{"text": "hello"}, {"text": "bye"}]).save_to_disk(str(d / "hf_text"))
     _human_run(d / "human_run")
+    # A GGUF header promising one tensor, then nothing: what a download cut short looks like.
+    (d / "truncated.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0))
     return d
 
 

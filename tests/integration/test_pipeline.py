@@ -51,6 +51,12 @@ def test_every_stage_leaves_its_artefacts(run):
     for key in ("rm_pairwise_accuracy", "labeler_score/sft", "labeler_score/final", "win_rate_vs_sft"):
         assert key in ev
     assert 0.0 <= ev["win_rate_vs_sft"] <= 1.0
+    # The figures against the starting model (the untrained init model here) and the collapse check.
+    assert 0.0 <= ev["win_rate_vs_start"] <= 1.0 and ev["kl_to_sft/final"] is not None  # None: not finite
+    assert all(0.0 <= ev[f"distinct2/{p}"] <= 1.0 for p in ("start", "sft", "final"))
+    assert len(ev["samples"]) == 3 and set(ev["samples"][0]) == {"prompt", "start", "sft", "final"}
+    assert "win rate vs the starting model" in proc.stdout and "KL to SFT" in proc.stdout
+    assert "## Sample replies" in (out / "round1" / "report.md").read_text()
     assert (out / "round1" / "report.md").read_text().count("|") > 10
     assert (out / "round1" / "report.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())

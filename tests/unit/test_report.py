@@ -10,11 +10,13 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf.orchestrator.run.memwatch import MemoryWatcher, tree_rss_bytes
-from rlhf.orchestrator.recipe.report import EVAL_KEYS, evaluate_policies, win_rate, write_round_report
+from rlhf.orchestrator.recipe.report import (EVAL_KEYS, distinct_n, evaluate_policies, sequence_logprobs, win_rate,
+                                             write_round_report)
 from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 EVAL = {"rm_pairwise_accuracy": 0.75, "labeler_score/sft": -0.5, "labeler_score/final": 0.25,
-        "win_rate_vs_sft": 0.625, "eval/prompts": 8.0}
+        "win_rate_vs_sft": 0.625, "win_rate_vs_start": 0.875, "kl_to_sft/final": 3.5, "distinct2/final": 0.5,
+        "eval/prompts": 8.0}
 
 
 def test_round_report_files(tmp_path):
@@ -33,7 +35,7 @@ def test_round_report_files(tmp_path):
 
 
 def test_round_report_needs_eval_keys(tmp_path):
-    with pytest.raises(ValueError, match="win_rate_vs_sft"):
+    with pytest.raises(ValueError, match=r"\['win_rate_vs_sft', 'win_rate_vs_start', 'kl_to_sft/final'\]"):
         write_round_report(tmp_path, 1, [], {"rm_pairwise_accuracy": 0.5, "labeler_score/sft": 0.0,
                                              "labeler_score/final": 0.0})
 
@@ -44,16 +46,72 @@ def test_win_rate_counts_ties_as_half():
     assert win_rate([1.5, 1.5], [-1.0, 0.5]) == 1.0
 
 
-def test_win_rate_of_identical_models_is_one_half(tmp_path):
-    model = build_tiny_from_corpus(sample_corpus(), tmp_path / "tiny")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_from_corpus(sample_corpus(), tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def test_win_rate_of_identical_models_is_one_half(tiny):
     prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question here"}]]
     # The fake labeler scores by reply length; identical models with one seed give identical
-    # replies, so every prompt is a tie: win rate = mean(0.5, 0.5) = 0.5.
+    # replies, so every prompt is a tie: win rate = mean(0.5, 0.5) = 0.5. The KL of a model to
+    # itself is 0 on any reply, and equal reply sets have equal distinct-2.
     judge = SimpleNamespace(score=lambda messages, reply: float(len(reply)))
-    out = evaluate_policies(model, model, prompts, judge, n_samples=2, max_new_tokens=4, temperature=1.0, seed=3)
-    assert out["win_rate_vs_sft"] == 0.5
-    assert out["labeler_score/final"] == out["labeler_score/sft"]
+    out = evaluate_policies(tiny, tiny, prompts, judge, n_samples=2, max_new_tokens=4, temperature=1.0, seed=3,
+                            start_dir=tiny, n_examples=5)
+    assert out["win_rate_vs_sft"] == out["win_rate_vs_start"] == 0.5
+    assert out["labeler_score/final"] == out["labeler_score/sft"] == out["labeler_score/start"]
+    assert out["kl_to_sft/final"] == 0.0
+    assert out["distinct2/final"] == out["distinct2/sft"] == out["distinct2/start"]
     assert out["eval/prompts"] == 2.0
+    (first, second) = out["samples"]  # n_examples is capped by the prompts
+    assert list(first) == ["prompt", "start", "sft", "final"] and first["prompt"] == "hi"
+    assert second["prompt"] == "a longer question here" and second["start"] == second["sft"] == second["final"]
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    no_start = evaluate_policies(tiny, tiny, [turns], judge, max_new_tokens=4, seed=3)
+    assert "win_rate_vs_start" not in no_start and list(no_start["samples"][0]) == ["prompt", "sft", "final"]
+    assert no_start["samples"][0]["prompt"] == "user: a / assistant: b / user: c"  # every turn of a conversation
+
+
+def test_distinct_2_by_hand():
+    # Bigrams: (a b) (b c) | (a b) (b d) | none in "x": 3 unique of 4.
+    assert distinct_n(["a b c", "a b d", "x"]) == 0.75
+    assert distinct_n(["yes yes"] * 4) == 0.25  # a collapsed policy: one bigram, four times
+    assert distinct_n(["one", ""]) == 0.0 and distinct_n([]) == 0.0  # no bigram at all
+    assert distinct_n(["a b", "b a"]) == 1.0  # n-grams never span two replies
+    assert distinct_n(["a b c", "a b c"], n=3) == 0.5
+
+
+def test_sequence_logprobs_are_unaffected_by_padding_and_scale_with_temperature(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    prompts, replies = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]
+
+    def by_hand(p, r, t):  # one unpadded sequence: sum_j log softmax(logits_{j-1} / t)[token_j]
+        seq = torch.tensor([p + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].float() / t, dim=-1)
+        return sum(float(logp[j - 1, seq[0, j]]) for j in range(len(p), len(p) + len(r)))
+
+    for t in (1.0, 0.7):
+        got = sequence_logprobs(model, prompts, replies, temperature=t, batch_size=2)
+        want = [by_hand(p, r, t) for p, r in zip(prompts, replies)]
+        assert got == pytest.approx(want, abs=1e-4) and all(x < 0 for x in got)
+    assert sequence_logprobs(model, [[5]], [[]]) == [0.0]  # an empty reply
+
+
+def test_report_shows_sample_replies(tmp_path):
+    samples = [{"prompt": "What is 2 + 3?", "start": "", "sft": "5 | five\nok", "final": "2 + 3 = 5."}]
+    paths = write_round_report(tmp_path, 1, [], EVAL, samples)
+    md = paths["markdown"].read_text()
+    assert "## Sample replies (1 held-out prompts, first sample of each policy)" in md
+    assert "**Prompt 1:** What is 2 + 3?" in md
+    assert "| start | (empty) |\n| sft | 5 \\| five ok |\n| final | 2 + 3 = 5. |" in md
+    assert "| kl_to_sft/final | 3.5 |" in md and "| win_rate_vs_start | 0.875 |" in md
+    assert json.loads(paths["eval"].read_text())["samples"] == samples
+    assert "Sample replies" not in write_round_report(tmp_path / "none", 1, [], EVAL)["markdown"].read_text()
 
 
 def test_memory_watcher_sees_a_child_process():
