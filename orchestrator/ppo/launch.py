@@ -28,6 +28,7 @@ from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogue
 from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
 from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
 from rlhf.orchestrator.run.lock import holds, lock_run_dir
+from rlhf.orchestrator.run.quiet import quiet_driver, quiet_env
 from rlhf.orchestrator.ppo.trainer import kl_abort_reason
 from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 from rlhf.orchestrator.tasks import load_task
@@ -74,9 +75,12 @@ def start_ray(address: str | None, num_cpus: int) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # address="local": always a fresh embedded cluster, never one found running here.
+        env = quiet_env()
+        quiet_driver()
         ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "rlhf.orchestrator.run.quiet.quiet_worker"})
+                 runtime_env={"worker_process_setup_hook": "rlhf.orchestrator.run.quiet.quiet_worker",
+                              "env_vars": env})
 
 
 @dataclass(frozen=True)
