@@ -23,15 +23,15 @@ time, so SFT imitates a mix and the rest of the preference is left for the rewar
 and PPO to learn from rankings (as arithmetic leaves its politeness).
 
 Held out: a conversation is on the evaluation side when the sha1 of its canonical JSON
-falls in one of EVAL_SHARE buckets; demonstrations and prompts come from the others, so
+falls in one of EVAL_SHARE (drawn.py) buckets; demonstrations and prompts come from the others, so
 `eval_prompts` never repeats a training prompt. Everything is generated from a seed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
+
+from rlhf.orchestrator.tasks.drawn import DrawnTask, in_eval_bucket
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "pear", "plum", "grape", "lemon", "mango"),
@@ -46,7 +46,6 @@ GREETINGS: dict[str, tuple[str, ...]] = {
 CHATTY = ("Hope that helps!", "Ask me for more!", "Nice to chat.")
 MAX_ITEMS = 4
 MAX_REPLY_CHARS = 60
-EVAL_SHARE = 8  # 1 conversation in 8 is held out for evaluation
 
 _LIST = re.compile(r"List ([1-9]) (\w+)\.")
 _NAME = re.compile(r"Name an? (\w+)\.")
@@ -96,8 +95,7 @@ def make_dialogue(rng: random.Random, max_turns: int = 2, exact_rate: float = 0.
 
 def is_held_out(prompt: list[dict]) -> bool:
     """True for the conversations reserved for evaluation (a fixed hash bucket)."""
-    canon = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return int(hashlib.sha1(canon.encode()).hexdigest()[:8], 16) % EVAL_SHARE == 0
+    return in_eval_bucket(prompt)
 
 
 def parse_request(messages: list[dict]) -> tuple:
@@ -150,33 +148,16 @@ def score_reply(messages: list[dict], reply: str) -> float:
     return sum(0.5 if ok else -0.5 for ok in (form, content, brief))
 
 
-class InstructTask:
+class InstructTask(DrawnTask):
     """The registry's `instruct` task (orchestrator/tasks/__init__.py: Task)."""
 
     name = "instruct"
-    eval_seed_offset = 10_000
 
     def __init__(self, max_turns: int = 2, exact_rate: float = 0.5, chatty_rate: float = 0.5) -> None:
         self.max_turns, self.exact_rate, self.chatty_rate = max_turns, exact_rate, chatty_rate
 
-    def _draw(self, n: int, seed: int, held_out: bool) -> list[list[dict]]:
-        rng, out = random.Random(seed), []
-        while len(out) < n:
-            dialogue = make_dialogue(rng, self.max_turns, self.exact_rate, self.chatty_rate)
-            if is_held_out(dialogue[:-1]) == held_out:
-                out.append(dialogue)
-        return out
-
-    def demonstrations(self, n: int, seed: int) -> list[list[dict]]:
-        return self._draw(n, seed, held_out=False)
-
-    def prompts(self, n: int, seed: int) -> list[list[dict]]:
-        """The demonstrations of `seed`, cut before their last assistant turn."""
-        return [d[:-1] for d in self.demonstrations(n, seed)]
-
-    def eval_prompts(self, n: int, seed: int) -> list[list[dict]]:
-        """Held-out conversations (the hash bucket `prompts` never draws from)."""
-        return [d[:-1] for d in self._draw(n, seed + self.eval_seed_offset, held_out=True)]
+    def make_dialogue(self, rng: random.Random) -> list[dict]:
+        return make_dialogue(rng, self.max_turns, self.exact_rate, self.chatty_rate)
 
     def score(self, messages: list[dict], reply: str) -> float:
         return score_reply(messages, reply)

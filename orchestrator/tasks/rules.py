@@ -37,24 +37,22 @@ well below the demonstrations (tests/unit/test_tasks_rules.py), because controls
 half of the prompts. Demonstrations are short, rule-abiding and correct, in varied wording.
 
 Held out: a conversation is on the evaluation side when the sha1 of its canonical JSON falls
-in one of EVAL_SHARE buckets; demonstrations and prompts come from the others. Scoring parses
+in one of EVAL_SHARE (drawn.py) buckets; demonstrations and prompts come from the others. Scoring parses
 the conversation back (regexes compiled from the same templates), so it is deterministic and
 fast (about 0.2 ms a reply on one core); a conversation not from this task is a ValueError.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import random
 import re
 import unicodedata
 from dataclasses import dataclass
 
 from rlhf.orchestrator.tasks import rules_data as D
+from rlhf.orchestrator.tasks.drawn import DrawnTask, in_eval_bucket
 
 MAX_WORDS = 25      # default length limit in words
-EVAL_SHARE = 8      # 1 conversation in 8 is held out for evaluation
 WEIGHTS = {"rule": 0.5, "topic": 0.25, "length": 0.25}
 KIND_SHARES = (("control", 45), ("human", 15), ("advice", 25), ("topic", 15))
 
@@ -464,34 +462,16 @@ def make_dialogue(rng: random.Random) -> list[dict]:
 
 def is_held_out(prompt: list[dict]) -> bool:
     """True for the conversations reserved for evaluation (a fixed hash bucket)."""
-    canon = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return int(hashlib.sha1(canon.encode()).hexdigest()[:8], 16) % EVAL_SHARE == 0
+    return in_eval_bucket(prompt)
 
 
-class RulesTask:
+class RulesTask(DrawnTask):
     """The registry's `rules` task (orchestrator/tasks/__init__.py: Task)."""
 
     name = "rules"
-    eval_seed_offset = 10_000
 
-    def _draw(self, n: int, seed: int, held_out: bool) -> list[list[dict]]:
-        rng, out = random.Random(seed), []
-        while len(out) < n:
-            dialogue = make_dialogue(rng)
-            if is_held_out(dialogue[:-1]) == held_out:
-                out.append(dialogue)
-        return out
-
-    def demonstrations(self, n: int, seed: int) -> list[list[dict]]:
-        return self._draw(n, seed, held_out=False)
-
-    def prompts(self, n: int, seed: int) -> list[list[dict]]:
-        """The demonstrations of `seed`, cut before their last assistant turn."""
-        return [d[:-1] for d in self.demonstrations(n, seed)]
-
-    def eval_prompts(self, n: int, seed: int) -> list[list[dict]]:
-        """Held-out conversations (the hash bucket `prompts` never draws from)."""
-        return [d[:-1] for d in self._draw(n, seed + self.eval_seed_offset, held_out=True)]
+    def make_dialogue(self, rng: random.Random) -> list[dict]:
+        return make_dialogue(rng)
 
     def score(self, messages: list[dict], reply: str) -> float:
         return score_reply(messages, reply)
