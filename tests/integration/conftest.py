@@ -31,3 +31,24 @@ def smollm2_dir() -> Path:
     from rlhf.orchestrator.models.registry import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def prompt_logprobs():
+    """`compute(llm, model, ids) -> (vllm_lp, hf_lp)`: the log-prob [T-1] of each of `ids[1:]`
+    given the tokens before it, from a vLLM engine's prompt log-probs and from transformers.
+    prompt_logprobs[0] is None (no context for the first token); entry i holds ids[i]'s."""
+    import torch
+
+    def compute(llm, model, ids: list[int]):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        vllm_lp = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        hf_lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        return vllm_lp, hf_lp
+
+    return compute

@@ -84,17 +84,12 @@ def llm(smollm2_dir):
     os.environ.update(saved_env)
 
 
-def test_vllm_prompt_logprobs_match_transformers(llm, hf):
+def test_vllm_prompt_logprobs_match_transformers(llm, hf, prompt_logprobs):
     from vllm import SamplingParams, TokensPrompt
 
     model, tok = hf
     ids = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-    vllm_lp = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    hf_lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    vllm_lp, hf_lp = prompt_logprobs(llm, model, list(ids))
     diff = (vllm_lp - hf_lp).abs().max().item()
     print(f"vLLM vs transformers: {len(ids) - 1} prompt tokens, max |log-prob difference| {diff:.2e}")
     assert diff <= LOGPROB_ATOL, diff

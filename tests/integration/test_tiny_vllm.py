@@ -110,20 +110,10 @@ def test_chat_generation_stops_at_im_end(llm, hf, prompt_ids):
     assert list(out.token_ids) == [im_end]
 
 
-def test_prompt_logprobs_match_transformers(llm, hf, prompt_ids):
-    from vllm import SamplingParams, TokensPrompt
-
+def test_prompt_logprobs_match_transformers(llm, hf, prompt_logprobs):
     model, tok = hf
     text = tok.apply_chat_template(
         MESSAGES + [{"role": "assistant", "content": "The sky is blue today!"}], tokenize=False)
     ids = tok(text)["input_ids"]
-    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-    # prompt_logprobs[0] is None (no context for the first token); entry i holds the
-    # log-prob of ids[i] given ids[:i].
-    vllm_lp = torch.tensor([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
-
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    hf_lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    vllm_lp, hf_lp = prompt_logprobs(llm, model, ids)
     torch.testing.assert_close(vllm_lp, hf_lp, atol=LOGPROB_ATOL, rtol=0)
