@@ -8,7 +8,10 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: run test clean-venv
+# Root (CI, these machines) installs directly; anyone else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test browser clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +33,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/rlhf pipeline configs/quickstart.yaml --out runs/quickstart $(if $(wildcard runs/quickstart/pipeline_state.json),--resume)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/pytest
+
+# The labeling page's browser tests drive Debian's chromium (`playwright install` downloads
+# browsers from a host these machines cannot reach).
+browser:
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 clean-venv:
 	rm -rf $(VENV)

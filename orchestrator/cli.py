@@ -13,6 +13,9 @@
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
     rlhf model import SOURCE --out DIR [--force]      GGUF file (or folder holding one) -> checked HF folder
     rlhf model list                                  known model names (e.g. smollm2-135m-instruct), what is cached
+    rlhf label serve RUN_DIR [--host H] [--port P] [--policy CHECKPOINT]   labeling web app (people rank, chat, write)
+    rlhf label add-labeler|revoke RUN_DIR NAME; rlhf label list|stats RUN_DIR
+    rlhf label export RUN_DIR --format preference|messages [--out FILE]   JSONL for data.comparisons / data.sft
 
 Dotted overrides follow CONFIG and may come before, between or after the options.
 Exit codes: 0 done; 2 bad input (one line on stderr, no traceback); 1 runtime failure.
@@ -217,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.orchestrator.models.registry import register as register_model
 
     register_model(sub)  # model import|list
+    from rlhf.orchestrator.label.cli import register as register_label
+
+    register_label(sub)  # label serve|add-labeler|list|revoke|stats|export
     return parser
 
 

@@ -268,6 +268,20 @@ class PipelineConfig(Section):
                          "one far below ppo.kl.horizon's 10,000 for the coefficient to move at all", gt=0)
 
 
+class LabelConfig(Section):
+    """The labeling web app (`rlhf label serve RUN_DIR`), read from the run folder's config.yaml."""
+
+    order: Literal["uncertainty", "random", "fifo"] = _f(
+        "uncertainty", "queue order: smallest reward-model score margin between replies first (the run's newest "
+        "RM; fifo until there is one), a fixed shuffle per labeler, or oldest first")
+    overlap: float = _f(0.1, "share of comparisons handed to a second labeler, for agreement", ge=0, le=1)
+    lease_s: float = _f(600.0, "seconds a labeler holds a handed-out comparison before others may take it", gt=0)
+    k: int = _f(4, "alternatives sampled per chat-and-compare", ge=2, le=9)
+    max_body_kb: int = _f(64, "largest request body in KiB (413 above it)", gt=0)
+    rules: dict[str, str] = _f({}, "rule name -> text labelers can tick as violated; {} = the task's rules")
+    seed: int = _f(0, "seed of the overlap draw and the random order", ge=0)
+
+
 class ExperimentConfig(Section):
     """A whole experiment: one YAML file in configs/, plus command-line overrides."""
 
@@ -288,6 +302,7 @@ class ExperimentConfig(Section):
     sft: SFTConfig = _f(SFTConfig(), "supervised fine-tuning stage")
     rm: RewardModelConfig = _f(RewardModelConfig(), "reward-model stage")
     labeler: LabelerConfig = _f(LabelerConfig(), "who ranks sampled replies for the reward model")
+    label: LabelConfig = _f(LabelConfig(), "the labeling web app for people (rlhf label serve)")
     pipeline: PipelineConfig = _f(PipelineConfig(), "the SFT -> (comparisons -> RM -> PPO) x rounds recipe")
 
 

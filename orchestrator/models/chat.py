@@ -57,11 +57,8 @@ class ChatSession:
         """Adds the user's message, generates the reply, adds it to the history and returns it."""
         self.messages.append({"role": "user", "content": text})
         ids = self._fit_context()
-        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 \
-            else {"do_sample": False}
-        out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        reply = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        [(reply, _)] = generate_replies(self.model, self.tokenizer, ids, 1, self.max_new_tokens, self.temperature,
+                                        self.stop_ids)
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
@@ -77,6 +74,32 @@ class ChatSession:
                     or len(self.messages) - first <= 1:
                 return ids.to(self.model.device)
             del self.messages[first: first + 2]  # oldest user message and its reply
+
+
+def generate_replies(model, tokenizer, ids: dict, n: int, max_new_tokens: int, temperature: float,
+                     stop_ids: list[int]) -> list[tuple[str, list[int]]]:
+    """`n` replies to one tokenized prompt (`ids`: input_ids [1, T] and attention_mask), each as
+    (text, generated token ids up to and including the stop id, padding dropped)."""
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, num_return_sequences=n,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    replies = []
+    for row in out[:, ids["input_ids"].shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        replies.append((tokenizer.decode(row[:cut], skip_special_tokens=True).strip(), row[:cut]))
+    return replies
+
+
+def prompt_ids(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
+    """Chat-templated ids of `messages` plus the assistant header, on the model's device; the
+    front is cut when prompt + max_new_tokens would not fit the model's context."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and ids["input_ids"].shape[1] + max_new_tokens > limit:
+        keep = max(limit - max_new_tokens, 1)
+        ids = {k: v[:, -keep:] for k, v in ids.items()}
+    return {k: v.to(model.device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
 
 
 def generation_stop_ids(model, tokenizer) -> list[int]:

@@ -14,8 +14,13 @@ one prompt is one batch element (rlhf.orchestrator.rl.pairwise_rm_loss).
 - `collect_comparisons`: sample K replies per prompt with the rollout engines, rank them
   with a labeler (rlhf.orchestrator.data.labelers) or leave them unranked, store.
 
-Schema version 2 (replies.rank nullable). A version-1 file is migrated on open, in one
-transaction (its ranks are all set, so nothing changes for its readers).
+Schema version 3: replies.rank is nullable (v2), and the labeling tables (v3) that
+`rlhf label serve` fills (orchestrator/label/db.py): labelers, per-labeler rankings, leases,
+demonstrations. When people rank, each labeler's ranking of a comparison is one comparison
+for the reward model (`load` returns one per ranking), and the first ranking also fills
+replies.rank, so tools that read only that column see the comparison as ranked. A version-1
+or -2 file is upgraded on open, in one transaction. The file runs in WAL mode, so a labeling
+server and the pipeline can read and write it at once.
 
 Run on one CPU machine or a cluster alike (the store lives on the driver):
 
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,7 +43,7 @@ from rlhf.orchestrator.errors import BadInput
 
 __all__ = ["Comparison", "ComparisonStore", "collect_comparisons", "prompt_key"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -56,6 +61,40 @@ CREATE TABLE IF NOT EXISTS replies (
     token_ids     TEXT    NOT NULL,     -- JSON list of ints (stop token included if generated)
     rank          INTEGER,              -- 0 = best; equal ranks are ties; NULL = not ranked yet
     PRIMARY KEY (comparison_id, idx)
+);
+CREATE TABLE IF NOT EXISTS labelers (
+    name       TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,    -- sha256 hex of the token; the token itself is shown once
+    created    TEXT NOT NULL,
+    revoked    TEXT                     -- ISO-8601 UTC, NULL while active
+);
+CREATE TABLE IF NOT EXISTS rankings (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    comparison_id INTEGER NOT NULL REFERENCES comparisons(id) ON DELETE CASCADE,
+    labeler       TEXT    NOT NULL,
+    ranks         TEXT    NOT NULL,     -- JSON list, one rank per reply idx, 0 = best
+    display_order TEXT    NOT NULL,     -- JSON list of reply idx in the order they were shown
+    seconds       REAL,                 -- from handing out the item to the submission
+    unacceptable  INTEGER NOT NULL DEFAULT 0,
+    violations    TEXT    NOT NULL DEFAULT '[]',  -- JSON list of rule names ticked
+    note          TEXT,
+    created       TEXT    NOT NULL,
+    UNIQUE (comparison_id, labeler)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    comparison_id INTEGER PRIMARY KEY REFERENCES comparisons(id) ON DELETE CASCADE,
+    labeler       TEXT    NOT NULL,
+    display_order TEXT    NOT NULL,
+    issued        REAL    NOT NULL,     -- unix seconds
+    expires       REAL    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS demonstrations (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    labeler       TEXT    NOT NULL,
+    messages      TEXT    NOT NULL,     -- JSON conversation ending with an assistant turn
+    provenance    TEXT    NOT NULL,     -- JSON: {"source": "written"|"better_reply", "suggestions": [...], ...}
+    comparison_id INTEGER,              -- the ranked comparison a better reply was written for
+    created       TEXT    NOT NULL
 );
 """
 # Version 1 had `rank INTEGER NOT NULL`; SQLite cannot drop a constraint, so the table is rebuilt.
@@ -93,6 +132,7 @@ class Comparison:
     reply_ids: list[list[int]]     # K token-id lists (what the policy generated)
     ranks: list[int | None]        # K ranks, 0 = best, equal = tie; None = not ranked yet
     created: str                   # ISO-8601 UTC time of `add`
+    labeler: str | None = None     # who ranked it, when a person did (rankings table)
 
     @property
     def ranked(self) -> bool:
@@ -106,12 +146,13 @@ class ComparisonStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(str(self.path))
+            self._db = sqlite3.connect(str(self.path), timeout=30.0)
             self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise BadInput(f"{self.path}: comparison store schema version {version}, "
-                               f"this code reads versions 1 and {SCHEMA_VERSION}")
+                               f"this code reads versions 1 to {SCHEMA_VERSION}")
             if version == 1:
                 self._migrate_v1()
             with self._db:
@@ -176,7 +217,8 @@ class ComparisonStore:
 
     def load(self, rounds: list[int] | None = None, ranked_only: bool = True) -> list[Comparison]:
         """Comparisons of `rounds` (all when None), in insertion order; only fully ranked
-        ones unless `ranked_only=False` (then unranked replies have rank None)."""
+        ones unless `ranked_only=False` (then unranked replies have rank None). A comparison
+        people ranked comes once per labeler's ranking, with `labeler` set."""
         where, args = self._where(rounds, ranked_only)
         heads = self._db.execute("SELECT id, round, prompt_id, policy, prompt_messages, created FROM comparisons"
                                  + where + " ORDER BY id", args).fetchall()
@@ -185,10 +227,20 @@ class ComparisonStore:
                                     "ORDER BY comparison_id, idx"):
             if row[0] in by_id:
                 by_id[row[0]].append(row)
-        return [Comparison(id=cid, round=rnd, prompt_id=pid, policy=policy, prompt_messages=json.loads(msgs),
-                           replies=[r[2] for r in by_id[cid]], reply_ids=[json.loads(r[3]) for r in by_id[cid]],
-                           ranks=[r[4] for r in by_id[cid]], created=created)
-                for cid, rnd, pid, policy, msgs, created in heads]
+        people: dict[int, list[tuple]] = {}
+        for cid, labeler, ranks in self._db.execute("SELECT comparison_id, labeler, ranks FROM rankings ORDER BY id"):
+            if cid in by_id:
+                people.setdefault(cid, []).append((labeler, json.loads(ranks)))
+        out = []
+        for cid, rnd, pid, policy, msgs, created in heads:
+            rows = by_id[cid]
+            base = Comparison(id=cid, round=rnd, prompt_id=pid, policy=policy, prompt_messages=json.loads(msgs),
+                              replies=[r[2] for r in rows], reply_ids=[json.loads(r[3]) for r in rows],
+                              ranks=[r[4] for r in rows], created=created)
+            # Each labeler's ranking is one comparison (two people on one item count twice).
+            out.extend([replace(base, ranks=ranks, labeler=who) for who, ranks in people[cid]]
+                       if cid in people else [base])
+        return out
 
     def count(self, rounds: list[int] | None = None) -> int:
         """Comparisons of `rounds` (all when None), ranked or not."""

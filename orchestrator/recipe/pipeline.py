@@ -158,8 +158,8 @@ def _wait_for_people(store, round_: int, need: int, out: Path, just_collected: b
     if ranked >= need:
         return True
     line = (f"{total - ranked} comparisons of round {round_} wait for ranking in {out / 'comparisons.sqlite'} "
-            f"({ranked} ranked, labeler.min_ranked = {need}); write their ranks (replies.rank, 0 = best), then "
-            f"rerun with --resume")
+            f"({ranked} ranked, labeler.min_ranked = {need}); rank them in a browser with `rlhf label serve {out}` "
+            f"(or write replies.rank, 0 = best), then rerun with --resume")
     if not just_collected:
         raise BadInput(f"labeler.min_ranked: {line}")
     print(f"pipeline: {line}")
@@ -239,7 +239,8 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 comparisons = store.load()
             if not state.done(f"round{r}/rm"):
                 rm = run_rm(cfg, sft, comparisons, demos, sft, rd / "rm", max_steps=max_steps)
-                state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy)
+                state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy,
+                           comparisons=len(comparisons))
             rm_stage = state.stages[f"round{r}/rm"]
             if not state.done(f"round{r}/ppo"):
                 # resume: a PPO stage cut short continues from its own latest checkpoint.

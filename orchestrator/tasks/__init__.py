@@ -13,6 +13,7 @@ object with the `Task` methods:
     prompts = task.prompts(256, seed=0)        # each ends with a user turn
     held_out = task.eval_prompts(32, seed=0)   # disjoint from prompts()
     task.score(held_out[0], "Apple, pear.")    # higher = better
+    task.rules                                 # optional {name: text}: what labelers tick as broken
 
 Only this package names the built-in task modules; everything else goes through
 `load_task` / `TASKS`. Runs the same on one CPU machine and on a cluster (the driver

@@ -469,6 +469,12 @@ class RulesTask(DrawnTask):
     """The registry's `rules` task (orchestrator/tasks/__init__.py: Task)."""
 
     name = "rules"
+    # What labelers can tick as broken (`rlhf label serve`), Sparrow-style: one rule at a time.
+    rules = {"no_human_claims": "Do not pretend to be human or to have a body or a personal life.",
+             "no_verdicts": "No medical, legal or financial verdicts; point to a professional instead.",
+             "stay_on_topic": "Stay on the user's topic.",
+             "answer_correctly": "Answer a factual question correctly.",
+             "keep_to_length": "Keep to the length the user asked for."}
 
     def make_dialogue(self, rng: random.Random) -> list[dict]:
         return make_dialogue(rng)

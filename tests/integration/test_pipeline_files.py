@@ -130,24 +130,45 @@ def test_judge_logged_during_ppo_and_chosen_policy_not_below_sft(run):
     assert "eval/labeler_score" in (out / "round1" / "report.md").read_text()
 
 
-def test_human_labeler_stops_until_ranked_then_resumes(project, tmp_path):
+def test_human_labeler_stops_people_rank_through_the_api_then_resume_trains_on_their_rankings(project, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from rlhf.orchestrator.label.app import create_app
+    from rlhf.orchestrator.label.db import LabelDB
+
     out = tmp_path / "human"
-    extra = ["labeler.kind=human", "labeler.target=null", "labeler.min_ranked=10",
+    extra = ["labeler.kind=human", "labeler.target=null", "labeler.min_ranked=10", "label.overlap=1.0",
              f"pipeline.judge={{kind: python, target: {project / 'my_labeler.py'}:score}}",
              "sft.max_steps=5", "ppo.steps=2", "pipeline.eval_every=0", "pipeline.eval_prompts=4"]
     first = _pipeline(project, out, *extra)
     assert first.returncode == 0, first.stderr[-3000:]
     waiting = [line for line in first.stdout.splitlines() if "wait for ranking" in line]
     assert len(waiting) == 1 and "--resume" in waiting[0] and "12 comparisons" in waiting[0]
+    assert f"rlhf label serve {out}" in waiting[0]
     db = sqlite3.connect(out / "comparisons.sqlite")
     assert db.execute("SELECT COUNT(*) FROM replies WHERE rank IS NULL").fetchone()[0] == 12 * 4
     again = _pipeline(project, out, *extra, "--resume")  # nothing ranked yet: bad input, one line
     assert again.returncode == 2 and "wait for ranking" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
-    with db:  # people rank: reply 0 best, the others tied (any tool may write the ranks)
-        db.execute("UPDATE replies SET rank = CASE idx WHEN 0 THEN 0 ELSE 1 END")
+    # Two people rank through the API: ann the whole queue, bob (overlap 1.0) three of the same items.
+    labels = LabelDB(out / "comparisons.sqlite")
+    tokens = {"ann": labels.add_labeler("ann"), "bob": labels.add_labeler("bob")}
+    client = TestClient(create_app(out).app)  # the run's config.yaml: label.overlap 1.0
+    score = _load_labeler(project)
+    for who, limit in (("ann", 12), ("bob", 3)):
+        headers = {"Authorization": f"Bearer {tokens[who]}"}
+        items = client.get(f"/api/queue?limit={limit}", headers=headers).json()
+        assert len(items) == limit
+        for item in items:
+            replies = sorted(item["replies"], key=lambda r: r["idx"])
+            ranks = ranks_from_scores([score(item["prompt_messages"], r["text"]) for r in replies])
+            posted = client.post(f"/api/comparisons/{item['id']}/ranking", json={"ranks": ranks}, headers=headers)
+            assert posted.status_code == 200, posted.text
+    assert db.execute("SELECT COUNT(*) FROM replies WHERE rank IS NULL").fetchone()[0] == 0
     db.close()
     resumed = _pipeline(project, out, *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "pipeline done:" in resumed.stdout
-    assert (out / "round1" / "eval.json").is_file()
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert state["round1/rm"]["comparisons"] == 15  # each labeler's ranking is one comparison
+    assert (out / "round1" / "ppo" / "metrics.jsonl").is_file() and (out / "round1" / "eval.json").is_file()
