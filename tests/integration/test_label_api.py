@@ -210,3 +210,55 @@ def test_no_policy_is_404(run):
     response = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}]},
                            headers=_bearer(token))
     assert response.status_code == 404 and "--policy" in response.json()["error"]
+
+
+def test_serve_command_prints_a_one_time_login_url(run):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rlhf = str(Path(sys.executable).with_name("rlhf"))
+    proc = subprocess.Popen([rlhf, "label", "serve", str(run), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"label: open http://localhost:{port}/login?token=") and "3 comparisons wait" in line
+        url = line.split()[2].replace("localhost", "127.0.0.1")
+        for _ in range(100):  # the line comes just before uvicorn binds
+            try:
+                login = httpx.get(url, follow_redirects=False)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert login.status_code == 303
+        page = httpx.get(f"http://127.0.0.1:{port}/", cookies=login.cookies)
+        assert page.status_code == 200 and "csrf-token" in page.text and page.headers["content-security-policy"] == CSP
+        assert httpx.get(url, follow_redirects=False).status_code == 401  # the token worked once
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_uncertainty_order_puts_the_reward_models_closest_call_first(tmp_path, tiny_policy):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.orchestrator.label.uncertainty import newest_reward_model, reward_margins
+
+    for r in (1, 3):  # the newest round's reward model is the one used
+        rm = tmp_path / f"round{r}" / "rm" / "checkpoint"
+        AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1).save_pretrained(rm)
+        AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(rm)
+    assert newest_reward_model(tmp_path) == tmp_path / "round3" / "rm" / "checkpoint"
+    with ComparisonStore(tmp_path / "comparisons.sqlite") as store:
+        for i, replies in enumerate([["yes", "no thanks, never"], ["same", "same"], ["a", "bbb ccc ddd"]]):
+            store.add(1, f"p{i}", "pol", [{"role": "user", "content": "ok?"}], replies, [[1], [2]])
+        comparisons = store.load(ranked_only=False)
+    margins = reward_margins(newest_reward_model(tmp_path), comparisons)
+    assert margins[2] == pytest.approx(0.0, abs=1e-6) and min(margins[1], margins[3]) > 1e-6
+    db = LabelDB(tmp_path / "comparisons.sqlite", order="uncertainty", overlap=0.0)
+    db.margins = margins
+    assert [it["id"] for it in db.take("ann", 3)][0] == 2  # identical replies: the RM cannot tell them apart
