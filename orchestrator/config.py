@@ -248,7 +248,45 @@ class RewardModelConfig(Section):
                                     "saved model); null = full fine-tuning")
 
 
+class DPOConfig(Section):
+    """Direct preference optimisation and its relatives on the comparisons (`rlhf dpo`)."""
+
+    loss: Literal["dpo", "ipo", "cdpo", "simpo", "kto"] = _f(
+        "dpo", "dpo: sigmoid (Rafailov et al. 2023); ipo: squared (Azar et al. 2023); cdpo: dpo with label "
+        "smoothing; simpo: reference-free, length-normalised, margin gamma (Meng et al. 2024); kto: unpaired "
+        "desirable/undesirable (Ethayarajh et al. 2024)")
+    beta: float = _f(0.1, "strength of the implicit KL to the reference (simpo: reward scale)", gt=0)
+    label_smoothing: float = _f(0.1, "cdpo: assumed share of flipped preference labels", ge=0, lt=0.5)
+    gamma: float = _f(0.5, "simpo: target reward margin", ge=0)
+    pairs: Literal["all", "best_worst"] = _f("all", "from a K-reply comparison: every (better, worse) pair, or "
+                                             "only best against worst")
+    reference: Optional[bool] = _f(None, "use the reference model's log-probs (the starting policy); null = "
+                                   "the loss decides (all but simpo); true with simpo is an error")
+    desirable_weight: float = _f(1.0, "kto: weight of desirable replies", gt=0)
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable replies", gt=0)
+    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
+    lr: float = _f(5e-4, "AdamW learning rate", gt=0)
+    batch_size: int = _f(16, "preference pairs per optimizer step", gt=0)
+    micro_batch_size: int = _f(8, "pairs per forward/backward on one worker", gt=0)
+    epochs: int = _f(2, "passes over the pairs", gt=0)
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
+    max_tokens: int = _f(256, "prompt + reply cut to this many tokens", gt=0)
+    held_out_fraction: float = _f(0.1, "share of compared prompts kept out for implicit-reward accuracy", ge=0, lt=1)
+    lora: Optional[LoraConfig] = _f(None, "train low-rank adapters (merged into the saved model); null = full")
+
+
+class BestOfNConfig(Section):
+    """Rejection sampling (RAFT / Llama 2): N replies per prompt, the reward model keeps the best, SFT on them."""
+
+    n: int = _f(8, "replies sampled per prompt", ge=2)
+    prompts: int = _f(128, "prompts per round", gt=0)
+    temperature: float = _f(1.0, "sampling temperature", gt=0)
+
+
 class PipelineConfig(Section):
+    method: Literal["ppo", "dpo", "best_of_n"] = _f("ppo", "how each round trains the policy on its comparisons: "
+                                                     "reward model + PPO, (online) DPO, or best-of-N + SFT")
     rounds: int = _f(2, "rounds of (collect comparisons -> train reward model -> PPO) after SFT", gt=0)
     eval_prompts: int = _f(64, "held-out prompts for the per-round evaluation", gt=0)
     eval_samples: int = _f(4, "sampled replies per held-out prompt (each prompt's score is their mean)", gt=0)
@@ -303,6 +341,8 @@ class ExperimentConfig(Section):
     rm: RewardModelConfig = _f(RewardModelConfig(), "reward-model stage")
     labeler: LabelerConfig = _f(LabelerConfig(), "who ranks sampled replies for the reward model")
     label: LabelConfig = _f(LabelConfig(), "the labeling web app for people (rlhf label serve)")
+    dpo: DPOConfig = _f(DPOConfig(), "DPO-family training on comparisons (rlhf dpo, pipeline.method dpo)")
+    best_of_n: BestOfNConfig = _f(BestOfNConfig(), "rejection sampling (pipeline.method best_of_n)")
     pipeline: PipelineConfig = _f(PipelineConfig(), "the SFT -> (comparisons -> RM -> PPO) x rounds recipe")
 
 
@@ -362,6 +402,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}.target", f"{key}.kind=python needs target: pkg.module:name or file.py:name")
         if lab.kind in ("file", "reward_model") and not lab.path:
             raise ConfigError(f"{key}.path", f"{key}.kind={lab.kind} needs a path")
+    if cfg.dpo.loss == "simpo" and cfg.dpo.reference is True:
+        raise ConfigError("dpo.reference", "simpo is reference-free; set dpo.reference to null or false, "
+                          "or choose another dpo.loss")
     if cfg.pipeline.judge is not None and cfg.pipeline.judge.kind == "human":
         raise ConfigError("pipeline.judge.kind", "a judge scores replies on its own; human is not a judge")
     if cfg.rm.prompts_per_batch % cfg.rm.num_workers:
