@@ -402,6 +402,9 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}.target", f"{key}.kind=python needs target: pkg.module:name or file.py:name")
         if lab.kind in ("file", "reward_model") and not lab.path:
             raise ConfigError(f"{key}.path", f"{key}.kind={lab.kind} needs a path")
+    if cfg.pipeline.method != "ppo":  # TODO(issue 15): the dpo and best_of_n rounds
+        raise ConfigError("pipeline.method", f"{cfg.pipeline.method} rounds are not wired into the pipeline yet; "
+                          "only ppo runs (rlhf dpo trains on a run's comparisons on its own)")
     if cfg.dpo.loss == "simpo" and cfg.dpo.reference is True:
         raise ConfigError("dpo.reference", "simpo is reference-free; set dpo.reference to null or false, "
                           "or choose another dpo.loss")
