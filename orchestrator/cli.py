@@ -239,6 +239,14 @@ def _unexpected(argv: list[str] | None, err: Exception) -> str:
     return f"unexpected {type(err).__name__}: {first[:300]} (traceback in {path})"
 
 
+def _one_line(err: Exception) -> str:
+    """A failure from Ray workers as one plain line: their terminal colour codes and line
+    breaks (Ray colours actor names) removed."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf.orchestrator.run.lock import release_all
 
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (RemoteCallFailed, RemoteCallTimeout, TrainingAborted, StageFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_RUNTIME
     except Exception as err:  # noqa: BLE001 - the contract is one line, even for a bug
         print(f"error: {_unexpected(argv, err)}", file=sys.stderr)

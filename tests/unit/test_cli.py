@@ -105,3 +105,15 @@ def test_out_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir, "write_atomic", refuse)
     with pytest.raises(BadInput, match=r"output folder .*/run: cannot be written \(Permission denied\)"):
         prepare_run_dir(tmp_path / "run", load_config(CONFIG, []))
+
+
+def test_runtime_failures_print_one_plain_line(capsys, monkeypatch):
+    from rlhf.orchestrator import cli
+    from rlhf.orchestrator.errors import RemoteCallFailed
+
+    def fail(args):
+        raise RemoteCallFailed("\x1b[36mray::PolicyLearner.train\x1b[0m: RuntimeError: boom\n  more")
+
+    monkeypatch.setattr(cli, "_cmd_config_keys", fail)
+    assert cli.main(["config", "keys"]) == 1
+    assert capsys.readouterr().err == "error: ray::PolicyLearner.train: RuntimeError: boom more\n"
