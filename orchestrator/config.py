@@ -95,12 +95,16 @@ class DataConfig(Section):
 class LabelerConfig(Section):
     """Who ranks sampled replies (and, by default, judges evaluations)."""
 
-    kind: Literal["task", "python", "file", "reward_model", "human"] = _f(
+    kind: Literal["task", "python", "file", "reward_model", "human", "llm_judge"] = _f(
         "task", "task: the built-in task's simulated labeler; python: a function or object (target); "
-        "file: rankings JSONL (path); reward_model: a trained RM folder (path); human: people rank in the store")
+        "file: rankings JSONL (path); reward_model: a trained RM folder (path); human: people rank in the store; "
+        "llm_judge: a chat model (path: folder or known name) asked which reply is better, in both orders")
     target: Optional[str] = _f(None, "kind python: `pkg.module:name` or `path/to/file.py:name`, a function "
                                "score(messages, reply) -> float or an object with rank(messages, replies)")
-    path: Optional[str] = _f(None, "kind file: rankings JSONL; kind reward_model: reward-model folder")
+    path: Optional[str] = _f(None, "kind file: rankings JSONL; kind reward_model: reward-model folder; "
+                             "kind llm_judge: the judge model (folder or known name)")
+    template: Optional[str] = _f(None, "kind llm_judge: prompt template file ({conversation}, {reply_a}, {reply_b}); "
+                                 "null = the built-in one")
     min_ranked: int = _f(1, "kind human: comparisons of the round that must be ranked before --resume goes on",
                          gt=0)
 
