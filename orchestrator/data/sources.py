@@ -321,4 +321,6 @@ def _pair(fmt: str, row: dict) -> PreferencePair:
         prompt = chosen_ctx
     if not prompt or prompt[-1]["role"] != "user":
         raise _RowError("the prompt must end with a user turn")
+    if chosen == rejected:
+        raise _RowError("chosen equals rejected: the pair states no preference")
     return PreferencePair(prompt, chosen, rejected)

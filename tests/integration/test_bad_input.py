@@ -86,6 +86,10 @@ CASES = [
     ("model import: --out exists, no --force", ["model", "import", "{d}/truncated.gguf", "--out", "{d}/other_run"],
      "pass --force"),
     ("known model name misspelt", PPO + ["model.policy=smollm2-135m"], "did you mean 'smollm2-135m-instruct'"),
+    ("dpo: reference-free loss with a reference", ["dpo", "configs/quickstart.yaml", "dpo.loss=simpo",
+                                                   "dpo.reference=true", "--out", "{out}"], "dpo.reference"),
+    ("dpo: beta 0", ["dpo", "configs/quickstart.yaml", "dpo.beta=0", "--out", "{out}"], "dpo.beta"),
+    ("dpo: no comparisons", ["dpo", "configs/quickstart.yaml", "--out", "{out}"], "no comparisons to train on"),
 ]
 
 
