@@ -5,10 +5,12 @@
     rlhf ppo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
     rlhf sft CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
     rlhf rm CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
+    rlhf dpo CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR]
     rlhf pipeline CONFIG [overrides] [--out DIR] [--max-steps N] [--address ADDR] [--resume]
     rlhf submit CONFIG [overrides] --address http://HEAD:8265 [--stage S] [--no-wait] [--retries N]
     rlhf jobs list|status ID|logs ID [--follow]|stop ID [--address ...]
     rlhf plan CONFIG [overrides] [--cluster FILE] [--node-type NAME]   placement + GPU memory, exit 2 if it does not fit
+    rlhf compare CONFIG [overrides] [--methods ppo,dpo,best_of_n] [--out DIR] [--resume]   methods side by side
     rlhf eval CONFIG A B [overrides] [--prompts FILE] [--samples N] [--out FILE.json]   win rate of A over B
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
     rlhf model import SOURCE --out DIR [--force]      GGUF file (or folder holding one) -> checked HF folder
@@ -122,6 +124,26 @@ def _cmd_rm(args) -> int:
     return EXIT_OK
 
 
+def _cmd_dpo(args) -> int:
+    cfg = _load(args)
+    from rlhf.orchestrator.recipe.dpo import run_dpo_stage
+
+    run_dpo_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
+    return EXIT_OK
+
+
+def _cmd_compare(args) -> int:
+    from rlhf.orchestrator.recipe.compare import parse_methods
+
+    methods = parse_methods(args.methods)  # before the config: a typo fails at once
+    cfg = _load(args)
+    from rlhf.orchestrator.recipe.compare import run_compare
+
+    run_compare(cfg, methods, out_dir=args.out or f"runs/{cfg.name}-compare", address=args.address,
+                resume=args.resume, max_steps=args.max_steps)
+    return EXIT_OK
+
+
 def _cmd_eval(args) -> int:
     cfg = _load(args)
     from rlhf.orchestrator.recipe.evaluate import format_result, run_eval
@@ -207,8 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub, "sft", "supervised fine-tuning on demonstrations (Ray Train + DeepSpeed)", _cmd_sft)
     _add_run_command(sub, "rm", "reward model on preference pairs (data.comparisons) and OUT/comparisons.sqlite",
                      _cmd_rm)
+    _add_run_command(sub, "dpo", "DPO/IPO/cDPO/SimPO/KTO on OUT/comparisons.sqlite and data.comparisons "
+                                 "(Ray Train + DeepSpeed)", _cmd_dpo)
     _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
                      _cmd_pipeline, resume=True)
+    _add_run_command(sub, "compare", "ppo, dpo and best-of-N from the same SFT model and comparisons, "
+                     "with a matched budget: one table and plot", _cmd_compare, resume=True)
+    sub.choices["compare"].add_argument("--methods", default="ppo,dpo,best_of_n",
+                                        help="comma-separated: ppo, dpo, best_of_n (default: all three)")
     _add_eval(sub)
     _add_chat(sub)
     from rlhf.orchestrator.cluster.jobs import register as register_jobs

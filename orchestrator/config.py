@@ -270,7 +270,7 @@ class DPOConfig(Section):
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable replies", gt=0)
     num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
     zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
-    lr: float = _f(5e-4, "AdamW learning rate", gt=0)
+    lr: float = _f(5e-5, "AdamW learning rate (quickstart: 5e-4 drags chosen log-probs down, loses to SFT)", gt=0)
     batch_size: int = _f(16, "preference pairs per optimizer step", gt=0)
     micro_batch_size: int = _f(8, "pairs per forward/backward on one worker", gt=0)
     epochs: int = _f(2, "passes over the pairs", gt=0)
@@ -406,9 +406,6 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key}.target", f"{key}.kind=python needs target: pkg.module:name or file.py:name")
         if lab.kind in ("file", "reward_model") and not lab.path:
             raise ConfigError(f"{key}.path", f"{key}.kind={lab.kind} needs a path")
-    if cfg.pipeline.method != "ppo":  # TODO(issue 15): the dpo and best_of_n rounds
-        raise ConfigError("pipeline.method", f"{cfg.pipeline.method} rounds are not wired into the pipeline yet; "
-                          "only ppo runs (rlhf dpo trains on a run's comparisons on its own)")
     if cfg.dpo.loss == "simpo" and cfg.dpo.reference is True:
         raise ConfigError("dpo.reference", "simpo is reference-free; set dpo.reference to null or false, "
                           "or choose another dpo.loss")
@@ -583,8 +580,11 @@ def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     def labeler(lab: LabelerConfig | None) -> LabelerConfig | None:
         if lab is None:
             return None
-        return lab.model_copy(update={"path": resolve_path(lab.path, base) if lab.path else None,
-                                      "target": _resolve_target(lab.target, base)})
+        path = resolve_path(lab.path, base) if lab.path else None
+        if lab.kind == "llm_judge" and lab.path and not (lab.path.startswith(".") or (base / lab.path).exists()):
+            path = lab.path  # a model, as model.policy: a known or hub name stays a name
+        return lab.model_copy(update={"path": path, "template": resolve_path(lab.template, base) if lab.template
+                                      else None, "target": _resolve_target(lab.target, base)})
 
     data = cfg.data.model_copy(update={
         key: [s.model_copy(update={"path": resolve_path(s.path, base)}) for s in getattr(cfg.data, key)]

@@ -4,10 +4,15 @@
     round 0: data.comparisons preference files, if any, go into the comparison store
     repeat for pipeline.rounds:
         collect comparisons: K replies from the newest policy, ranked by the labeler (SQLite)
-        train the reward model on every comparison so far (from the SFT model)
-        PPO against the reward model with an (adaptive) KL penalty to the SFT model, the
-            critic from the RM, and the judge watching a held-out sample (best step kept,
-            early stop once it falls: ppo/judging.py)
+        pipeline.method ppo (default):
+            train the reward model on every comparison so far (from the SFT model)
+            PPO against the reward model with an (adaptive) KL penalty to the SFT model, the
+                critic from the RM, and the judge watching a held-out sample (best step kept,
+                early stop once it falls: ppo/judging.py)
+        pipeline.method dpo: DPO (dpo.loss) on this round's comparisons, the round's starting
+            policy as the reference (online / iterative DPO)
+        pipeline.method best_of_n: the reward model as above, then best_of_n.n replies per
+            prompt, the RM keeps the best, SFT on them (rejection sampling)
         evaluate on held-out prompts with the judge and write the round's report; the
             policy handed on is the best one so far by that score (SFT counts), or the
             newest with pipeline.select: last
@@ -27,8 +32,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
-
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.data.dialogues import load_sft_dialogues
 from rlhf.orchestrator.data.labelers import build_judge, build_labeler
@@ -36,7 +39,7 @@ from rlhf.orchestrator.data.prompts import build_prompts, load_eval_prompts, loa
 from rlhf.orchestrator.data.sources import load_preferences
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.ppo.judging import HeldOutJudge, JudgePlan
-from rlhf.orchestrator.ppo.launch import (check_all_lora_targets, resolve_policy, rollout_engine_class, run_ppo,
+from rlhf.orchestrator.ppo.launch import (check_all_lora_targets, resolve_policy, run_ppo, sampling_rollout,
                                           start_ray)
 from rlhf.orchestrator.ppo.placement import plan_resources
 from rlhf.orchestrator.run.lock import lock_run_dir
@@ -67,7 +70,7 @@ class PipelineState:
         return self.stages[stage]
 
 
-def _ppo_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> ExperimentConfig:
+def ppo_stage_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> ExperimentConfig:
     """The PPO stage's config: start from `policy`, score with the round's reward model, and an
     adaptive KL target (pipeline.kl_target) unless ppo.kl.target is set."""
     update = {"model": cfg.model.model_copy(update={"policy": policy, "reward": reward_model})}
@@ -77,23 +80,16 @@ def _ppo_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> Experi
     return cfg.model_copy(update=update)
 
 
-def _collect(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, labeler, tokenizer) -> int:
+def collect_round(cfg: ExperimentConfig, round_: int, policy: str, dialogues, store, labeler, tokenizer) -> int:
     """K replies per prompt from the newest policy, ranked by `labeler` (None: left unranked
     for people), stored with provenance (prompt id = hash of the conversation)."""
-    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
     from rlhf.orchestrator.recipe.comparisons import collect_comparisons, prompt_key
 
     rng = random.Random(cfg.seed * 1000 + round_)
     chosen = rng.sample(range(len(dialogues)), min(cfg.rm.prompts_per_round, len(dialogues)))
     prompts = build_prompts([dialogues[i] for i in chosen], tokenizer, cfg.data.max_prompt_tokens,
                             cfg.data.prompt_overflow)
-    gpus = cfg.rollout.tensor_parallel_size if cfg.placement.gpus_per_node else 0
-    engine = ray.remote(rollout_engine_class(cfg.rollout.backend)).options(num_cpus=1, num_gpus=gpus).remote(
-        model_path=policy, dtype=cfg.model.dtype, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-        seed=cfg.seed + round_, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0)
-    group = RolloutGroup([engine], tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+    group = sampling_rollout(cfg, policy, seed=cfg.seed + round_)
     try:
         keys = [prompt_key(m) for m in prompts.messages]
         return collect_comparisons(group, prompts.messages, prompts.token_ids, keys, cfg.rm.replies_per_prompt,
@@ -141,7 +137,7 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     return inputs
 
 
-def _judge_plan(cfg: ExperimentConfig, inputs: Inputs, tokenizer) -> JudgePlan:
+def judge_plan_for(cfg: ExperimentConfig, inputs: Inputs, tokenizer) -> JudgePlan:
     subset = build_prompts(inputs.eval_prompts[: cfg.pipeline.eval_subset], tokenizer, cfg.data.max_prompt_tokens,
                            cfg.data.prompt_overflow)
     judge = HeldOutJudge(subset.messages, subset.token_ids, inputs.judge.score, samples=cfg.pipeline.eval_samples,
@@ -208,7 +204,7 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
             _wait_for_people(store, waiting, cfg.labeler.min_ranked, out, just_collected=False)
     started = time.perf_counter()
     # Sized for the largest stage: PPO with its reward-model actor.
-    start_ray(address, int(plan_resources(_ppo_config(cfg, "policy", "reward-model")).total("CPU")))
+    start_ray(address, int(plan_resources(ppo_stage_config(cfg, "policy", "reward-model")).total("CPU")))
     with MemoryWatcher() as memory:
         base = resolve_policy(cfg, out, inputs.sft + inputs.prompts)
         if not state.done("sft"):
@@ -222,7 +218,7 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 n = store_preferences(store, inputs.preferences, tokenizer, turn_end_ids(sft, tokenizer))
             state.mark("round0/comparisons", count=n, source="data.comparisons")
         demos = {prompt_key(d[:-1]): d[-1]["content"] for d in inputs.sft if d[-1]["role"] == "assistant"}
-        judge_plan = _judge_plan(cfg, inputs, tokenizer)
+        judge_plan = judge_plan_for(cfg, inputs, tokenizer)
         # The policy handed on: the best so far by the held-out judge (SFT is round 0's).
         best = state.stages.get("best", {"round": 0, "checkpoint": sft, "score": None})
         for r in range(1, cfg.pipeline.rounds + 1):
@@ -232,37 +228,36 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 collected = not state.done(f"round{r}/comparisons")
                 if collected:
                     store.delete_round(r)  # a crash mid-collection leaves a partial round
-                    n = _collect(cfg, r, policy, inputs.prompts, store, inputs.labeler, tokenizer)
+                    n = collect_round(cfg, r, policy, inputs.prompts, store, inputs.labeler, tokenizer)
                     state.mark(f"round{r}/comparisons", count=n, policy=policy, ranked=inputs.labeler is not None)
                 if inputs.labeler is None and not _wait_for_people(store, r, cfg.labeler.min_ranked, out, collected):
                     return {"waiting_for_ranking": r}
                 comparisons = store.load()
-            if not state.done(f"round{r}/rm"):
+            if cfg.pipeline.method != "dpo" and not state.done(f"round{r}/rm"):
                 rm = run_rm(cfg, sft, comparisons, demos, sft, rd / "rm", max_steps=max_steps)
                 state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy,
                            comparisons=len(comparisons))
-            rm_stage = state.stages[f"round{r}/rm"]
-            if not state.done(f"round{r}/ppo"):
-                # resume: a PPO stage cut short continues from its own latest checkpoint.
-                result = run_ppo(_ppo_config(cfg, policy, rm_stage["checkpoint"]), rd / "ppo", max_steps=max_steps,
-                                 reference=sft, resume=resume, judge=judge_plan)
-                state.mark(f"round{r}/ppo", checkpoint=result["policy_dir"], selected_step=result["selected_step"],
-                           stopped_early=result["stopped_early"])
-            ppo_stage = state.stages[f"round{r}/ppo"]
+            rm_stage = state.stages.get(f"round{r}/rm", {"checkpoint": None, "accuracy": None})
+            stage = f"round{r}/{cfg.pipeline.method}"
+            if not state.done(stage):
+                state.mark(stage, **improve_policy(cfg, r, rd, policy, sft, rm_stage["checkpoint"], comparisons,
+                                                    inputs.prompts, judge_plan, resume, max_steps))
+            trained = state.stages[stage]
             if not state.done(f"round{r}/eval"):
-                ev = evaluate_policies(ppo_stage["checkpoint"], sft, inputs.eval_prompts, inputs.judge,
+                ev = evaluate_policies(trained["checkpoint"], sft, inputs.eval_prompts, inputs.judge,
                                        n_samples=cfg.pipeline.eval_samples, max_new_tokens=cfg.rollout.max_new_tokens,
                                        temperature=cfg.rollout.temperature, seed=cfg.seed, start_dir=base)
-                ev.update(rm_pairwise_accuracy=rm_stage["accuracy"], selected_step=ppo_stage["selected_step"],
-                          stopped_early=ppo_stage["stopped_early"])
+                ev.update(rm_pairwise_accuracy=rm_stage["accuracy"], method=cfg.pipeline.method,
+                          **{k: v for k, v in trained.items() if k not in ("checkpoint", "metrics")})
                 samples = ev.pop("samples")  # start/SFT/final replies: report.md and eval.json, not the state
-                rows = [json.loads(line) for line in (rd / "ppo" / "metrics.jsonl").read_text().splitlines()]
-                write_round_report(rd, r, rows, ev, samples)
+                metrics = Path(trained["metrics"])
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+                write_round_report(rd, r, rows, ev, samples, method=cfg.pipeline.method)
                 state.mark(f"round{r}/eval", **ev)
                 if best["score"] is None:
                     best["score"] = ev["labeler_score/sft"]
                 if cfg.pipeline.select == "last" or ev["labeler_score/final"] > best["score"]:
-                    best = {"round": r, "checkpoint": ppo_stage["checkpoint"], "score": ev["labeler_score/final"],
+                    best = {"round": r, "checkpoint": trained["checkpoint"], "score": ev["labeler_score/final"],
                             "win_rate_vs_sft": ev["win_rate_vs_sft"]}
                 state.mark("best", **best)
             best = state.stages["best"]
@@ -281,6 +276,31 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
           f"chosen policy: {chosen} (judge {best['score']:.2f}), peak memory {summary['peak_rss_gib']:.1f} GiB; "
           f"report in {out / f'round{cfg.pipeline.rounds}'}")
     return summary
+
+
+def improve_policy(cfg: ExperimentConfig, r: int, rd: Path, policy: str, sft: str, rm: str | None, comparisons,
+                    prompts, judge_plan: JudgePlan, resume: bool, max_steps: int | None) -> dict:
+    """Round r's training of `policy` by pipeline.method; returns what the state records: the
+    new policy folder, the step handed on, whether it stopped early, its metrics file."""
+    method = cfg.pipeline.method
+    if method == "ppo":  # resume: a PPO stage cut short continues from its own latest checkpoint
+        result = run_ppo(ppo_stage_config(cfg, policy, rm), rd / "ppo", max_steps=max_steps, reference=sft,
+                         resume=resume, judge=judge_plan)
+        return {"checkpoint": result["policy_dir"], "selected_step": result["selected_step"],
+                "stopped_early": result["stopped_early"], "metrics": str(rd / "ppo" / "metrics.jsonl")}
+    if method == "dpo":  # online DPO: this round's comparisons (and round 0's files), reference = the round's start
+        from rlhf.orchestrator.recipe.dpo import run_dpo
+
+        result = run_dpo(cfg, policy, [c for c in comparisons if c.round in (0, r)], rd / "dpo", max_steps=max_steps)
+        return {"checkpoint": result.checkpoint, "selected_step": result.steps, "stopped_early": False,
+                "metrics": result.metrics_path, "dpo/heldout_accuracy_before": result.heldout_accuracy_before,
+                "dpo/heldout_accuracy_after": result.heldout_accuracy_after}
+    from rlhf.orchestrator.recipe.best_of_n import run_best_of_n  # best_of_n: RM picks, SFT on the picks
+
+    result = run_best_of_n(cfg, policy, rm, prompts, rd / "best_of_n", max_steps=max_steps, round_=r)
+    return {"checkpoint": str(result.checkpoint), "selected_step": result.sft_steps, "stopped_early": False,
+            "metrics": str(rd / "best_of_n" / "metrics.jsonl"), "best_of_n/mean_best_score": result.mean_best_score,
+            "best_of_n/mean_score": result.mean_score}
 
 
 def _pct(value) -> str:

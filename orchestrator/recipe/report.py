@@ -25,6 +25,9 @@ EVAL_KEYS = ("rm_pairwise_accuracy", "labeler_score/sft", "labeler_score/final",
              "win_rate_vs_start", "kl_to_sft/final")
 # Per-step columns of the PPO table, in order; the labeler column is added when present.
 STEP_KEYS = ("reward/mean", "kl/mean", "response_length/mean")
+# The step columns of each pipeline.method's table and first three panels.
+METHOD_KEYS = {"ppo": STEP_KEYS, "dpo": ("dpo/loss", "dpo/margin", "dpo/accuracy"),
+               "best_of_n": ("sft/loss", "sft/lr", "sft/grad_norm")}
 # Where a row may hold the labeler's score, in order of preference.
 LABELER_KEYS = ("eval/labeler_score",)
 
@@ -34,7 +37,7 @@ LABELER_KEYS = ("eval/labeler_score",)
 
 
 def write_round_report(out_dir: Path, round: int, ppo_rows: list[dict], eval: dict,
-                       samples: list[dict] | None = None) -> dict[str, Path]:
+                       samples: list[dict] | None = None, method: str = "ppo") -> dict[str, Path]:
     """Writes report.md, report.png and eval.json into `out_dir`; returns {name: path}.
 
     `ppo_rows` are the round's metrics.jsonl rows (flat dicts with `step`); `eval` holds at
@@ -46,7 +49,8 @@ def write_round_report(out_dir: Path, round: int, ppo_rows: list[dict], eval: di
         raise ValueError(f"round {round} eval summary lacks {missing}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = step_series(ppo_rows)
+    series = step_series(ppo_rows, METHOD_KEYS[method])
+    series["method"] = method
     paths = {"eval": out_dir / "eval.json", "markdown": out_dir / "report.md", "plot": out_dir / "report.png"}
     figures = {"round": round, **{k: _json_value(v) for k, v in eval.items()}}
     write_atomic(paths["eval"], json.dumps({**figures, **({"samples": samples} if samples else {})}, indent=2) + "\n")
@@ -55,12 +59,13 @@ def write_round_report(out_dir: Path, round: int, ppo_rows: list[dict], eval: di
     return paths
 
 
-def step_series(rows: list[dict]) -> dict[str, list]:
-    """Columns over steps: `step`, STEP_KEYS and `labeler` (None where a row lacks a value)."""
+def step_series(rows: list[dict], keys: tuple[str, ...] = STEP_KEYS) -> dict[str, list]:
+    """Columns over steps: `step`, `keys` and `labeler` (None where a row lacks a value)."""
     labeler_key = next((k for k in LABELER_KEYS if any(_finite(r.get(k)) is not None for r in rows)), None)
     series: dict[str, list] = {"step": [r.get("step", i + 1) for i, r in enumerate(rows)]}
-    for key in STEP_KEYS:
+    for key in keys:
         series[key] = [_finite(r.get(key)) for r in rows]
+    series["keys"] = keys
     series["labeler"] = [_finite(r.get(labeler_key)) for r in rows] if labeler_key else [None] * len(rows)
     series["labeler_key"] = labeler_key
     return series
@@ -86,7 +91,8 @@ def _fmt(value) -> str:
 
 def _markdown(round: int, series: dict, eval: dict) -> str:
     labeler_key = series["labeler_key"]
-    head = ["step", *STEP_KEYS] + ([labeler_key] if labeler_key else [])
+    keys, method = series["keys"], series.get("method", "ppo")
+    head = ["step", *keys] + ([labeler_key] if labeler_key else [])
     lines = [f"# Round {round}", "", "## Evaluation", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v if isinstance(v, (bool, str)) else _fmt(_finite(v))} |" for k, v in eval.items()]
     lines += ["", "win_rate_vs_sft (vs_start): share of held-out prompts where the round's policy's judge score "
@@ -95,10 +101,10 @@ def _markdown(round: int, series: dict, eval: dict) -> str:
               "policy the round started from). kl_to_sft/final: mean over its held-out replies of "
               "log pi(reply) - log pi_SFT(reply), nats per reply. distinct2: unique word bigrams / all bigrams "
               "of a policy's replies (falls when replies collapse to a few).", "",
-              f"## PPO steps ({len(series['step'])})", "",
+              f"## {method.upper() if method != 'best_of_n' else 'Best-of-N SFT'} steps ({len(series['step'])})", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, step in enumerate(series["step"]):
-        cells = [str(step)] + [_fmt(series[k][i]) for k in STEP_KEYS]
+        cells = [str(step)] + [_fmt(series[k][i]) for k in keys]
         cells += [_fmt(series["labeler"][i])] if labeler_key else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -124,10 +130,13 @@ def _plot(path: Path, round: int, series: dict) -> None:
     fig = Figure(figsize=(14, 7), layout="constrained")
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(2, 3).flat)
-    panels = [("reward/mean", "RM reward"), ("kl/mean", "KL to SFT"), ("response_length/mean", "response length"),
-              ("labeler", f"judge score ({series['labeler_key'] or 'none logged'})")]
+    titles = {"reward/mean": "RM reward", "kl/mean": "KL to SFT", "response_length/mean": "response length"}
+    panels = [(k, titles.get(k, k)) for k in series["keys"]] + [
+        ("labeler", f"judge score ({series['labeler_key'] or 'none logged'})")]
     for ax, (key, title) in zip(axes[:4], panels):
-        _line(ax, series["step"], series[key], title, "PPO step")
+        _line(ax, series["step"], series[key], title, f"{series.get('method', 'ppo')} step")
+    for key in ("reward/mean", "kl/mean"):  # the over-optimisation panels read PPO's columns
+        series.setdefault(key, [None] * len(series["step"]))
     for ax, (key, label) in zip(axes[4:], (("reward/mean", "RM reward (same step)"), ("kl/mean", "KL to SFT (same step)"))):
         points = [(x, y, s) for x, y, s in zip(series[key], series["labeler"], series["step"])
                   if x is not None and y is not None]
@@ -158,7 +167,8 @@ def _line(ax, xs: list, ys: list, title: str, xlabel: str, annotate: list | None
 
 def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[list[dict]], judge,
                       n_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
-                      batch_size: int = 32, start_dir: str | Path | None = None, n_examples: int = 3) -> dict:
+                      batch_size: int = 32, start_dir: str | Path | None = None, n_examples: int = 3,
+                      detail: bool = False) -> dict:
     """Judge scores of the final, SFT and (with `start_dir`) starting policies on `prompts`.
 
     Each policy samples `n_samples` replies per prompt (same seed for all, so two identical
@@ -169,6 +179,8 @@ def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[
           per reply, log-probs of softmax(logits / temperature) as in PPO's kl/mean)
       distinct2/{start,sft,final}: `distinct_n(replies, 2)`
       samples: the first `n_examples` prompts with each policy's first reply (for the report)
+      detail (only with detail=True): {"prompt_scores": {policy: [per prompt]}, "replies":
+          {policy: [n_samples per prompt, in prompt order]}}
     `judge` has `score(messages, reply) -> float`. `temperature` 0 means greedy decoding.
     """
     if not prompts:
@@ -196,6 +208,8 @@ def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[
     out["samples"] = [{"prompt": _conversation(prompts[i]), **{name: texts[i * n_samples] for name, texts in
                                                                  sorted(replies.items(), key=_policy_order)}}
                       for i in range(min(n_examples, len(prompts)))]
+    if detail:
+        out["detail"] = {"prompt_scores": scores, "replies": replies}
     return out
 
 
