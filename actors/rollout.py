@@ -57,11 +57,18 @@ class RolloutEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(kv_cache_gib)))  # whole GiB only
         import vllm
 
+        # On CPU, no chunked prefill: a prompt cut across scheduler steps has its sampled token
+        # discarded, and vLLM then rewinds that request's seeded generator with set_offset, which a
+        # CPU torch.Generator does not have ("CPU Generator does not use offset": the engine dies).
+        # That happens once a generate call holds more prompt tokens than one step (4096), e.g.
+        # 16 prompts x 8 samples x 40 tokens. Whole prompts per step avoid the rewind.
+        cpu = {} if torch.cuda.is_available() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, int(max_model_len))}
         self.rpc_timeout_s = rpc_timeout_s
         self.llm = vllm.LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization,
                             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-                            logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION)
+                            logprobs_mode="processed_logprobs", worker_extension_cls=EXTENSION, **cpu)
 
     # ---- sampling ----------------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], prompt_index: list[int], n: int = 1,

@@ -133,6 +133,22 @@ def rollout_engine_class(backend: str) -> type:
     return RolloutEngine
 
 
+def sampling_rollout(cfg: ExperimentConfig, policy: str, seed: int, max_model_len: int | None = None):
+    """One rollout engine on the `policy` folder, outside any placement group, as a RolloutGroup
+    (the caller shuts it down): for sampling outside PPO (comparisons, best-of-N, the LLM judge).
+    `max_model_len`: default data.max_prompt_tokens + rollout.max_new_tokens (a judge's prompts
+    hold a whole conversation and two replies, so it asks for more)."""
+    from rlhf.orchestrator.ppo.rollout_group import RolloutGroup
+
+    gpus = cfg.rollout.tensor_parallel_size if cfg.placement.gpus_per_node else 0
+    engine = ray.remote(rollout_engine_class(cfg.rollout.backend)).options(num_cpus=1, num_gpus=gpus).remote(
+        model_path=policy, dtype=cfg.model.dtype,
+        max_model_len=max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        seed=seed, kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0)
+    return RolloutGroup([engine], tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+
+
 def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float) -> Roles:
     from rlhf.actors.learner import CriticLearner, LearnerArgs, PolicyLearner
     from rlhf.actors.lora import LoraArgs

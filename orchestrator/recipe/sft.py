@@ -77,8 +77,10 @@ def worker_failure(err: Exception, role: str = "sft") -> RemoteCallFailed:
     return RemoteCallFailed(f"{role} worker group failed: {_last_line(err)}"[:500])
 
 
-def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: int | None = None) -> SFTResult:
-    """Fine-tunes `model_path` on the experiment's demonstrations; Ray must be running."""
+def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: int | None = None,
+            dialogues: list[list[dict]] | None = None) -> SFTResult:
+    """Fine-tunes `model_path` on the experiment's demonstrations, or on `dialogues` when given
+    (best-of-N passes its kept replies); Ray must be running."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,7 +92,9 @@ def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: in
     sft, out = cfg.sft, Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _load_tokenizer(model_path)
-    data = encode_dialogues(tokenizer, load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed), sft.max_tokens)
+    if dialogues is None:
+        dialogues = load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed)
+    data = encode_dialogues(tokenizer, dialogues, sft.max_tokens)
     steps = plan_steps(len(data.rows), sft.batch_size, sft.epochs, sft.max_steps, max_steps)
     metrics_path, checkpoint = out / "metrics.jsonl", out / "checkpoint"
     lora = LoraArgs.from_config(sft.lora, "sft.lora")
