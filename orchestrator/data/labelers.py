@@ -293,6 +293,10 @@ def build_labeler(lab: LabelerConfig, task: Task | None, key: str = "labeler") -
         return FileLabeler(lab.path, key)
     if lab.kind == "reward_model":
         return RewardModelLabeler(lab.path, key)
+    if lab.kind == "llm_judge":  # ranks once rlhf.orchestrator.recipe.judge_engine attaches an engine
+        from rlhf.orchestrator.data.llm_judge import LLMJudge
+
+        return LLMJudge(lab.path, lab.template, key)
     raise BadInput(f"{key}.kind: unknown labeler kind {lab.kind!r}")
 
 
@@ -301,7 +305,7 @@ def build_judge(cfg: ExperimentConfig, task: Task | None) -> Judge:
     own = cfg.pipeline.judge is not None
     lab, key = (cfg.pipeline.judge, "pipeline.judge") if own else (cfg.labeler, "labeler")
     what = f"{key}.kind {lab.kind}" + (f" ({lab.target})" if lab.kind == "python" else "")
-    if lab.kind in ("file", "human"):
+    if lab.kind in ("file", "human", "llm_judge"):  # llm_judge compares replies; it gives no score
         raise BadInput(f"pipeline.judge: {what} {CANNOT_SCORE}")
     judge = build_labeler(lab, task, key)
     if isinstance(judge, RankingLabeler):

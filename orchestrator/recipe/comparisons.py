@@ -300,13 +300,16 @@ def collect_comparisons(rollout, prompt_messages: list[list[dict]], prompt_ids: 
     if len(samples) != k * len(prompt_ids):
         raise RuntimeError(f"rollout returned {len(samples)} samples, expected {k} x {len(prompt_ids)}")
     texts = tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
+    if any(samples.prompt_index[j] != j // k for j in range(len(samples))):  # prompt i's k samples are consecutive
+        raise RuntimeError("rollout samples out of order: each prompt's samples must come together, in prompt order")
+    # A labeler with rank_many (the LLM judge) ranks every prompt in one call.
+    batched = (labeler.rank_many([(m, texts[i * k:(i + 1) * k]) for i, m in enumerate(prompt_messages)])
+               if hasattr(labeler, "rank_many") else None)
     stored = 0
     for i, (messages, key) in enumerate(zip(prompt_messages, prompt_keys)):
-        rows = range(i * k, (i + 1) * k)  # the k samples of prompt i are consecutive
-        if any(samples.prompt_index[j] != i for j in rows):
-            raise RuntimeError(f"rollout samples out of order: rows {rows.start}..{rows.stop - 1} are not prompt {i}")
+        rows = range(i * k, (i + 1) * k)
         replies = [texts[j] for j in rows]
-        ranks = labeler.rank(messages, replies) if labeler is not None else None
+        ranks = batched[i] if batched is not None else labeler.rank(messages, replies) if labeler is not None else None
         store.add(round, key, policy, messages, replies, [list(samples.response_ids[j]) for j in rows], ranks)
         stored += 1
     return stored

@@ -84,6 +84,7 @@ def collect_round(cfg: ExperimentConfig, round_: int, policy: str, dialogues, st
     """K replies per prompt from the newest policy, ranked by `labeler` (None: left unranked
     for people), stored with provenance (prompt id = hash of the conversation)."""
     from rlhf.orchestrator.recipe.comparisons import collect_comparisons, prompt_key
+    from rlhf.orchestrator.recipe.judge_engine import judge_engine
 
     rng = random.Random(cfg.seed * 1000 + round_)
     chosen = rng.sample(range(len(dialogues)), min(cfg.rm.prompts_per_round, len(dialogues)))
@@ -92,9 +93,10 @@ def collect_round(cfg: ExperimentConfig, round_: int, policy: str, dialogues, st
     group = sampling_rollout(cfg, policy, seed=cfg.seed + round_)
     try:
         keys = [prompt_key(m) for m in prompts.messages]
-        return collect_comparisons(group, prompts.messages, prompts.token_ids, keys, cfg.rm.replies_per_prompt,
-                                   labeler, store, round_, policy, cfg.rollout.temperature,
-                                   cfg.rollout.max_new_tokens, cfg.seed * 7919 + round_, tokenizer)
+        with judge_engine(cfg, labeler):  # labeler.kind llm_judge: its own engine; others: nothing
+            return collect_comparisons(group, prompts.messages, prompts.token_ids, keys, cfg.rm.replies_per_prompt,
+                                       labeler, store, round_, policy, cfg.rollout.temperature,
+                                       cfg.rollout.max_new_tokens, cfg.seed * 7919 + round_, tokenizer)
     finally:
         group.shutdown()
 
