@@ -1,6 +1,8 @@
 """`rlhf compare`: method names, the matched budget, the table."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlhf.orchestrator.config import load_config
@@ -31,3 +33,18 @@ def test_table_row():
            "kl_to_sft": 1.234, "rm_score": None, "length_words": 3.25, "updates": 80, "seconds": 61.2}
     assert format_table({"methods": [row]}).splitlines()[-1] == (
         "| dpo | 62% (50%-75%) | -0.41 | 1.23 | n/a | 3.2 | 80 | 61 s |")
+
+
+def test_report_files(tmp_path):
+    from rlhf.orchestrator.recipe.compare import write_report
+
+    rows = [{"method": m, "win_rate_vs_sft": w, "ci_low": w - 0.1, "ci_high": min(w + 0.1, 1.0), "judge_score": -0.5,
+             "kl_to_sft": kl, "rm_score": None if m == "dpo" else 0.3, "length_words": 4.0, "updates": 80,
+             "seconds": 10.0} for m, w, kl in (("sft", 0.5, 0.0), ("ppo", 0.7, 2.1), ("dpo", 0.6, 0.4))]
+    write_report(tmp_path, {"methods": rows, "comparisons": 128, "policy_updates/ppo_max": 80,
+                            "rm_heldout_accuracy": 0.61, "eval_prompts": 64, "eval_samples": 4})
+    md = (tmp_path / "compare.md").read_text()
+    assert "| ppo | 70% (60%-80%) |" in md and "same 128 comparisons" in md and "accuracy 61%" in md
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["method"] for r in json.loads((tmp_path / "compare.json").read_text())["methods"]] == [
+        "sft", "ppo", "dpo"]
