@@ -16,7 +16,9 @@ The budget is matched and printed with the table:
 - dpo takes as many optimizer steps as PPO's policy does at most (ppo.steps x ppo.epochs x
   samples per step / ppo.train_batch_size), unless dpo.max_steps is set.
 Wall time is each method's own training (the shared SFT, collection and reward model are
-apart). PPO may stop early (pipeline.patience), so its steps are shown as taken.
+apart). "policy updates" are the optimizer steps in the policy each method hands on: for
+PPO the selected step's (pipeline.select best keeps the best judged step, and
+pipeline.patience may stop it early).
 
 Output: OUT/compare.md (the table), OUT/compare.png (win rate vs SFT with its 95 % interval,
 KL to SFT, reward-model score, reply length, wall time), OUT/compare.json, and each method's
@@ -46,10 +48,14 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def _updates_per_step(cfg: ExperimentConfig) -> int:
+    ppo = cfg.ppo
+    return ppo.epochs * (ppo.prompts_per_step * cfg.rollout.n_samples // ppo.train_batch_size)
+
+
 def policy_updates(cfg: ExperimentConfig) -> int:
     """Optimizer steps PPO's policy takes in ppo.steps steps (no early stop)."""
-    ppo = cfg.ppo
-    return ppo.steps * ppo.epochs * (ppo.prompts_per_step * cfg.rollout.n_samples // ppo.train_batch_size)
+    return cfg.ppo.steps * _updates_per_step(cfg)
 
 
 def matched_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
@@ -143,7 +149,8 @@ def _baseline_or_method(cfg: ExperimentConfig, state: PipelineState, method: str
                    judge_score=ev["labeler_score/final"], kl_to_sft=ev["kl_to_sft/final"],
                    rm_score=_rm_score(rm, inputs.eval_prompts, replies, cfg.pipeline.eval_samples),
                    length_words=sum(len(r.split()) for r in replies) / len(replies),
-                   updates=train.get("selected_step", 0), seconds=train.get("seconds", 0.0))
+                   updates=train.get("selected_step", 0) * (_updates_per_step(cfg) if method == "ppo" else 1),
+                   seconds=train.get("seconds", 0.0))
     return state.stages[key]
 
 
