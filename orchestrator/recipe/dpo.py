@@ -217,22 +217,15 @@ def run_dpo_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     """`rlhf dpo`: OUT/comparisons.sqlite + data.comparisons -> OUT/dpo/checkpoint."""
     from transformers import AutoTokenizer
 
-    from rlhf.orchestrator.data.sources import load_preferences
     from rlhf.orchestrator.models.scoring import turn_end_ids
     from rlhf.orchestrator.ppo.launch import resolve_policy, start_ray
     from rlhf.orchestrator.recipe.sft import _is_model_dir
-    from rlhf.orchestrator.recipe.stages import STORE_FILE, _dialogues, _stored_comparisons, preference_comparisons
+    from rlhf.orchestrator.recipe.stages import STORE_FILE, _dialogues, preference_comparisons, stage_comparisons
     from rlhf.orchestrator.run.lock import holds
     from rlhf.orchestrator.run.rundir import prepare_run_dir
 
-    pairs = load_preferences(cfg.data.comparisons, "data.comparisons")  # bad files fail before any folder
     out = Path(out_dir).resolve()
-    store_path = out / STORE_FILE
-    stored = _stored_comparisons(store_path) if store_path.is_file() else []
-    if not pairs and not stored:
-        where = f"; {store_path} has no ranked comparisons either" if store_path.is_file() else ""
-        raise BadInput(f"data.comparisons: no comparisons to train on (give preference files or datasets, "
-                       f"or run the pipeline into --out first){where}")
+    pairs, stored = stage_comparisons(cfg, out)  # bad files fail before any folder
     created = not out.exists()
     try:
         out = prepare_run_dir(out, cfg)

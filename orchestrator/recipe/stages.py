@@ -67,6 +67,19 @@ def _stored_comparisons(path: Path) -> list[Comparison]:
         return [c for c in store.load() if c.policy != PREFERENCE_POLICY and len(set(c.ranks)) > 1]
 
 
+def stage_comparisons(cfg: ExperimentConfig, out: Path) -> tuple[list[PreferencePair], list[Comparison]]:
+    """What a stage run on its own (`rlhf rm`, `rlhf dpo`) trains on: the data.comparisons pairs
+    and the ranked comparisons of OUT/comparisons.sqlite; BadInput when there are none."""
+    pairs = load_preferences(cfg.data.comparisons, "data.comparisons")
+    store_path = out / STORE_FILE
+    stored = _stored_comparisons(store_path) if store_path.is_file() else []
+    if not pairs and not stored:
+        where = f"; {store_path} has no ranked comparisons either" if store_path.is_file() else ""
+        raise BadInput(f"data.comparisons: no comparisons to train on (give preference files or datasets, "
+                       f"or run the pipeline into --out first){where}")
+    return pairs, stored
+
+
 def _dialogues(pairs: list[PreferencePair], stored: list[Comparison]) -> list[list[dict]]:
     """Every prompt with each of its replies: the corpus a `tiny` model's tokenizer learns from."""
     return ([p.prompt + [{"role": "assistant", "content": r}] for p in pairs for r in (p.chosen, p.rejected)]
@@ -81,13 +94,8 @@ def run_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
 
     from rlhf.orchestrator.recipe.rm import run_rm
 
-    pairs = load_preferences(cfg.data.comparisons, "data.comparisons")  # bad files fail before any folder
     out = Path(out_dir).resolve()
-    store_path = out / STORE_FILE
-    stored = _stored_comparisons(store_path) if store_path.is_file() else []
-    if not pairs and not stored:
-        where = f"; {store_path} has no ranked comparisons either" if store_path.is_file() else ""
-        raise BadInput(f"data.comparisons: no comparisons to train on (give preference files or datasets){where}")
+    pairs, stored = stage_comparisons(cfg, out)  # bad files fail before any folder
     check_all_lora_targets(cfg, out)  # LoRA targets that match no layer, before any folder
     created = not out.exists()
     try:
