@@ -19,7 +19,7 @@ step (all-reduced), as in the KTO paper (sec. 4.1).
 Before the first and after the last step rank 0 scores the held-out pairs: implicit-reward
 accuracy (a tie, |reward difference| <= TIE_TOLERANCE, counts half, so the untrained policy,
 whose rewards beta * (logp - ref) are all 0, scores 50 %). The policy is saved as a Hugging Face
-folder (LoRA merged, ZeRO-3 gathered, atomically: `rlhf.actors.sft_worker._save_atomically`) and
+folder (LoRA merged, ZeRO-3 gathered, atomically: `rlhf.actors.sft_worker.save_atomically`) and
 the summary to `summary_path`.
 
 Runs under Ray Train on one CPU machine (gloo) or a GPU cluster (nccl); see run_dpo.
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from rlhf.actors.learner import LearnerArgs
 from rlhf.actors.lora import LoraArgs
-from rlhf.actors.sft_worker import SFTLearner, _save_atomically, global_batches
+from rlhf.actors.sft_worker import SFTLearner, save_atomically, global_batches
 from rlhf.orchestrator.experience import dialogue_batch
 from rlhf.orchestrator.rl.preference import kto_kl_reference, kto_loss, pair_loss
 
@@ -229,7 +229,7 @@ def train_loop(config: dict) -> None:
     finally:
         if log:
             log.close()
-    _save_atomically(learner, Path(a.checkpoint_path))
+    save_atomically(learner, Path(a.checkpoint_path))
     if rank == 0:
         write_atomic(Path(a.summary_path), json.dumps(
             {"heldout_accuracy_before": before, "heldout_accuracy_after": after, "steps": a.total_steps}) + "\n")

@@ -137,10 +137,10 @@ def train_loop(config: dict) -> None:
     finally:
         if log:
             log.close()
-    _save_atomically(learner, Path(a.checkpoint_path))
+    save_atomically(learner, Path(a.checkpoint_path))
 
 
-def _save_atomically(learner: SFTLearner, dest: Path) -> None:
+def save_atomically(learner: SFTLearner, dest: Path) -> None:
     """All workers call (ZeRO-3 gathers); rank 0 writes a hidden sibling, then renames it."""
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
     learner.save_pretrained(str(tmp))  # rank 0 writes; ends with a barrier

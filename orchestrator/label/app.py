@@ -73,10 +73,10 @@ class Policy:
     def replies(self, messages: list[dict], n: int) -> list[tuple[str, list[int]]]:
         import torch
 
-        from rlhf.orchestrator.models.chat import generate_replies, prompt_ids
+        from rlhf.orchestrator.models.chat import fit_context, generate_replies
 
         with self._lock, torch.no_grad():
-            ids = prompt_ids(self.model, self.tokenizer, messages, self.max_new_tokens)
+            ids, _ = fit_context(self.model, self.tokenizer, messages, self.max_new_tokens)
             return generate_replies(self.model, self.tokenizer, ids, n, self.max_new_tokens, self.temperature,
                                     self.stop_ids)
 

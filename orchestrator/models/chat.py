@@ -64,16 +64,23 @@ class ChatSession:
 
 
     def _fit_context(self) -> dict:
-        """Token ids of `render()`; the oldest exchanges are dropped (system kept) until prompt +
-        max_new_tokens fits the model's context, so a long session never crashes."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        while True:
-            ids = self.tokenizer(self.render(), return_tensors="pt", add_special_tokens=False)
-            first = 1 if self.messages[0]["role"] == "system" else 0
-            if limit is None or ids["input_ids"].shape[1] + self.max_new_tokens <= limit \
-                    or len(self.messages) - first <= 1:
-                return ids.to(self.model.device)
-            del self.messages[first: first + 2]  # oldest user message and its reply
+        ids, self.messages = fit_context(self.model, self.tokenizer, self.messages, self.max_new_tokens)
+        return ids
+
+
+def fit_context(model, tokenizer, messages: list[dict], max_new_tokens: int) -> tuple[dict, list[dict]]:
+    """Token ids of `messages` plus the assistant header, on the model's device; the oldest
+    exchanges are dropped (a system message kept) until prompt + max_new_tokens fits the
+    model's context, so a long conversation never crashes. Returns (ids, the messages kept)."""
+    messages = list(messages)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    while True:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        first = 1 if messages[0]["role"] == "system" else 0
+        if limit is None or ids["input_ids"].shape[1] + max_new_tokens <= limit or len(messages) - first <= 1:
+            return ids.to(model.device), messages
+        del messages[first: first + 2]  # oldest user message and its reply
 
 
 def generate_replies(model, tokenizer, ids: dict, n: int, max_new_tokens: int, temperature: float,
@@ -88,18 +95,6 @@ def generate_replies(model, tokenizer, ids: dict, n: int, max_new_tokens: int, t
         cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
         replies.append((tokenizer.decode(row[:cut], skip_special_tokens=True).strip(), row[:cut]))
     return replies
-
-
-def prompt_ids(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
-    """Chat-templated ids of `messages` plus the assistant header, on the model's device; the
-    front is cut when prompt + max_new_tokens would not fit the model's context."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and ids["input_ids"].shape[1] + max_new_tokens > limit:
-        keep = max(limit - max_new_tokens, 1)
-        ids = {k: v[:, -keep:] for k, v in ids.items()}
-    return {k: v.to(model.device) for k, v in ids.items() if k in ("input_ids", "attention_mask")}
 
 
 def generation_stop_ids(model, tokenizer) -> list[int]:

@@ -31,7 +31,7 @@ from rlhf.orchestrator.data.labelers import RewardModelLabeler
 from rlhf.orchestrator.data.prompts import build_prompts
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.ppo.launch import sampling_rollout
-from rlhf.orchestrator.recipe.sft import _load_tokenizer, run_sft
+from rlhf.orchestrator.recipe.sft import load_tokenizer, run_sft
 from rlhf.orchestrator.run.rundir import write_atomic
 
 KEPT_FILE = "kept.jsonl"
@@ -87,7 +87,7 @@ def run_best_of_n(cfg: ExperimentConfig, policy_dir: str | Path, rm_dir: str | P
     if not (Path(rm_dir) / "config.json").is_file():
         raise BadInput(f"best_of_n: {rm_dir} is not a reward-model folder (no config.json)")
     scorer = RewardModelLabeler(str(rm_dir), key="best_of_n reward model")
-    tokenizer = _load_tokenizer(str(policy_dir))
+    tokenizer = load_tokenizer(str(policy_dir))
     chosen = build_prompts(_pick_prompts(prompts, bon.prompts, cfg.seed, round_), tokenizer,
                            cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
 

@@ -65,12 +65,12 @@ def run_dpo(cfg: ExperimentConfig, policy_path: str, comparisons: list[Compariso
 
     from rlhf.actors.dpo_worker import DPOLoopArgs, LossArgs, train_loop
     from rlhf.actors.lora import LoraArgs, check_targets_for
-    from rlhf.orchestrator.recipe.sft import _is_model_dir, _load_tokenizer, plan_steps, worker_failure
+    from rlhf.orchestrator.recipe.sft import is_model_dir, load_tokenizer, plan_steps, worker_failure
 
     d, out = cfg.dpo, Path(out_dir).resolve()
     lora = LoraArgs.from_config(d.lora, "dpo.lora")
     check_targets_for(policy_path, lora)  # before any worker starts
-    tokenizer = _load_tokenizer(policy_path)
+    tokenizer = load_tokenizer(policy_path)
     data, n_pairs = build_dpo_data(cfg, comparisons, tokenizer)
     batch = min(d.batch_size, n_pairs[0]) // d.num_workers * d.num_workers
     if batch < 1:
@@ -97,7 +97,7 @@ def run_dpo(cfg: ExperimentConfig, policy_path: str, comparisons: list[Compariso
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - every worker/controller failure becomes one line
         raise worker_failure(err, role="dpo") from err
-    if not _is_model_dir(out / "checkpoint") or not (out / "summary.json").is_file():
+    if not is_model_dir(out / "checkpoint") or not (out / "summary.json").is_file():
         raise RemoteCallFailed(f"dpo worker (rank 0) finished without writing a model to {out / 'checkpoint'}")
     summary = json.loads((out / "summary.json").read_text())
     return DPOResult(checkpoint=str(out / "checkpoint"), heldout_accuracy_before=summary["heldout_accuracy_before"],
@@ -219,8 +219,8 @@ def run_dpo_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
 
     from rlhf.orchestrator.models.scoring import turn_end_ids
     from rlhf.orchestrator.ppo.launch import resolve_policy, start_ray
-    from rlhf.orchestrator.recipe.sft import _is_model_dir
-    from rlhf.orchestrator.recipe.stages import STORE_FILE, _dialogues, preference_comparisons, stage_comparisons
+    from rlhf.orchestrator.recipe.sft import is_model_dir
+    from rlhf.orchestrator.recipe.stages import STORE_FILE, tokenizer_corpus, preference_comparisons, stage_comparisons
     from rlhf.orchestrator.run.lock import holds
     from rlhf.orchestrator.run.rundir import prepare_run_dir
 
@@ -230,7 +230,7 @@ def run_dpo_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     try:
         out = prepare_run_dir(out, cfg)
         sft = out / "sft" / "checkpoint"
-        model = str(sft) if _is_model_dir(sft) else resolve_policy(cfg, out, _dialogues(pairs, stored))
+        model = str(sft) if is_model_dir(sft) else resolve_policy(cfg, out, tokenizer_corpus(pairs, stored))
         tokenizer = AutoTokenizer.from_pretrained(model)
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model} has no chat template")

@@ -45,13 +45,13 @@ def plan_steps(n_rows: int, batch_size: int, epochs: int, cfg_max_steps: int | N
     return min(total, max_steps) if max_steps else total
 
 
-def _is_model_dir(path: Path) -> bool:
+def is_model_dir(path: Path) -> bool:
     """config.json plus weights, in one file or sharded (large models)."""
     return (path / "config.json").is_file() and any(
         (path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def _load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
     try:
@@ -91,7 +91,7 @@ def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: in
         raise RuntimeError("run_sft needs Ray started by the caller (ray.init)")
     sft, out = cfg.sft, Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     if dialogues is None:
         dialogues = load_sft_dialogues(cfg, load_task(cfg.data.task), cfg.seed)
     data = encode_dialogues(tokenizer, dialogues, sft.max_tokens)
@@ -115,7 +115,7 @@ def run_sft(cfg: ExperimentConfig, model_path: str, out_dir: Path, max_steps: in
         trainer.fit()
     except Exception as err:  # noqa: BLE001 - every worker/controller failure becomes one line
         raise worker_failure(err) from err
-    if not _is_model_dir(checkpoint):
+    if not is_model_dir(checkpoint):
         raise RemoteCallFailed(f"sft worker (rank 0) finished without writing a model to {checkpoint}")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     final = [r for r in rows if "sft/loss" in r][-1]

@@ -80,7 +80,7 @@ def stage_comparisons(cfg: ExperimentConfig, out: Path) -> tuple[list[Preference
     return pairs, stored
 
 
-def _dialogues(pairs: list[PreferencePair], stored: list[Comparison]) -> list[list[dict]]:
+def tokenizer_corpus(pairs: list[PreferencePair], stored: list[Comparison]) -> list[list[dict]]:
     """Every prompt with each of its replies: the corpus a `tiny` model's tokenizer learns from."""
     return ([p.prompt + [{"role": "assistant", "content": r}] for p in pairs for r in (p.chosen, p.rejected)]
             + [c.prompt_messages + [{"role": "assistant", "content": r}] for c in stored for r in c.replies])
@@ -100,7 +100,7 @@ def run_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
     created = not out.exists()
     try:
         out = prepare_run_dir(out, cfg)
-        model = resolve_policy(cfg, out, _dialogues(pairs, stored))
+        model = resolve_policy(cfg, out, tokenizer_corpus(pairs, stored))
         tokenizer = AutoTokenizer.from_pretrained(model)
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model} has no chat template")
