@@ -7,7 +7,7 @@ reward model); each component is returned unweighted so the driver logs it
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,20 +21,24 @@ class RewardScores:
     total: list[float]                   # B: weighted sum of the components (clipped if asked)
     components: dict[str, list[float]]   # name -> B unweighted scores
     scorer: str = ""                     # id of the scorer process (changes when Ray restarts it)
+    metrics: dict[str, float] = field(default_factory=dict)  # batch metrics, e.g. evidence/* (logged as is)
 
 
 class RewardScorer:
     def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
                  model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32",
-                 forbidden_phrases: list[str] | None = None) -> None:
+                 forbidden_phrases: list[str] | None = None, evidence: dict | None = None) -> None:
         """`functions`: name -> weight (orchestrator/tasks/rewards.py); `forbidden_phrases` feeds the
-        `forbidden_phrase` rule (required when that rule is named)."""
+        `forbidden_phrase` rule (required when that rule is named); `evidence` (the evidence.* keys plus
+        `task`, the data.task spec) feeds the evidence_* rewards and the evidence/* metrics."""
         from transformers import AutoTokenizer
 
         if not functions and model_path is None:
             raise ValueError("no reward source: give a reward model or at least one function")
         # Bind rule parameters once here; raises ValueError for unknown names or missing params.
-        self.bound = bind_reward_functions(functions, RuleParams(forbidden_phrases=tuple(forbidden_phrases or ())))
+        self.evidence = dict(evidence) if evidence else None
+        self.bound = bind_reward_functions(functions, RuleParams(forbidden_phrases=tuple(forbidden_phrases or ()),
+                                                                 evidence=self.evidence))
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.functions, self.model_weight, self.clip = dict(functions), model_weight, clip
         self.instance = uuid.uuid4().hex  # a restarted actor is a new instance: restarts are counted

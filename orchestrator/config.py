@@ -18,17 +18,10 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from rlhf.orchestrator.config_base import LabelerConfig, LoraConfig, Section, _f  # noqa: F401 (re-exported)
+from rlhf.orchestrator.config_stages import (BestOfNConfig, DPOConfig, EvidenceConfig, LabelConfig,  # noqa: F401
+                                             PipelineConfig, RewardModelConfig, RuleRMConfig, SFTConfig)
 from rlhf.orchestrator.errors import ConfigError
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, defaults are documented."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _f(default, description: str, **constraints):
-    return Field(default, description=description, **constraints)
 
 
 class TinyModelConfig(Section):
@@ -49,6 +42,8 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     policy: str = _f("tiny", "initial policy: Hugging Face name or folder; `tiny` builds one from model.tiny")
     reward: Optional[str] = _f(None, "reward model name or folder; null = score with the task's reward function")
+    rule_reward: Optional[str] = _f(None, "rule-conditional reward model folder (P(violation | dialogue, rule)); "
+                                    "its log(1 - P) per rule enters the reward with rule_rm.weights")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype in learners and engines")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "architecture used when policy is `tiny`")
     packing: bool = _f(False, "learner and reference forwards pack each micro-batch's sequences into one row "
@@ -60,9 +55,9 @@ class DataSourceConfig(Section):
 
     path: str = _f(..., "JSONL file, a folder written by datasets' save_to_disk, or parquet/json/csv file(s); "
                    "relative paths resolve against the config file's folder, then the working directory")
-    format: Literal["messages", "prompt_response", "preference"] = _f(
+    format: Literal["messages", "prompt_response", "preference", "rule_labels"] = _f(
         "messages", "messages: {messages: [{role, content}]}; prompt_response: {prompt, response} (one turn); "
-        "preference: {prompt or messages, chosen, rejected}")
+        "preference: {prompt or messages, chosen, rejected}; rule_labels: {messages, reply, rule, violated}")
     weight: float = _f(1.0, "mixing ratio of this source among the sources of the same list", gt=0)
     column: dict[str, str] = _f({}, "our field name -> the dataset's column, e.g. {prompt: instruction, "
                                 "response: output}")
@@ -88,35 +83,9 @@ class DataConfig(Section):
     prompts: SourceList = _f([], "conversations ending with a user turn, for comparisons and PPO")
     eval: SourceList = _f([], "held-out conversations ending with a user turn")
     comparisons: SourceList = _f([], "preference pairs loaded into the comparison store as round 0")
+    rule_labels: SourceList = _f([], "per-rule violation labels (format rule_labels) for the rule reward model")
     max_prompt_tokens: int = _f(256, "longest prompt in tokens", gt=0)
     prompt_overflow: Literal["truncate", "reject"] = _f("truncate", "what to do with longer prompts (counted either way)")
-
-
-class LabelerConfig(Section):
-    """Who ranks sampled replies (and, by default, judges evaluations)."""
-
-    kind: Literal["task", "python", "file", "reward_model", "human", "llm_judge"] = _f(
-        "task", "task: the built-in task's simulated labeler; python: a function or object (target); "
-        "file: rankings JSONL (path); reward_model: a trained RM folder (path); human: people rank in the store; "
-        "llm_judge: a chat model (path: folder or known name) asked which reply is better, in both orders")
-    target: Optional[str] = _f(None, "kind python: `pkg.module:name` or `path/to/file.py:name`, a function "
-                               "score(messages, reply) -> float or an object with rank(messages, replies)")
-    path: Optional[str] = _f(None, "kind file: rankings JSONL; kind reward_model: reward-model folder; "
-                             "kind llm_judge: the judge model (folder or known name)")
-    template: Optional[str] = _f(None, "kind llm_judge: prompt template file ({conversation}, {reply_a}, {reply_b}); "
-                                 "null = the built-in one")
-    min_ranked: int = _f(1, "kind human: comparisons of the round that must be ranked before --resume goes on",
-                         gt=0)
-
-
-class LoraConfig(Section):
-    """Low-rank adapters (peft): only the adapters (and a value head) train; the base stays frozen."""
-
-    rank: int = _f(16, "rank r of each adapter's A [r, in] and B [out, r]", gt=0)
-    alpha: float = _f(32.0, "scale: the update is (alpha / rank) * B @ A", gt=0)
-    dropout: float = _f(0.0, "dropout on the adapter's input", ge=0, lt=1)
-    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
-                                   "module names (suffixes) that get adapters; an error if none matches")
 
 
 class RolloutConfig(Section):
@@ -133,6 +102,10 @@ class RolloutConfig(Section):
     max_restarts: int = _f(2, "times Ray restarts a dead engine per run; its unfinished prompts are re-issued", ge=0)
     overlap: bool = _f(False, "generate step k+1 while the learners train on step k (one step off-policy, "
                              "importance-weighted against the sampler's log-probs)")
+    tools: list[Literal["search"]] = _f([], "tools the policy may call inside a reply: search (a `Search Query:` "
+                                        "line; the system inserts the retrieved passages, see evidence.*)")
+    max_tool_calls: int = _f(1, "tool calls per reply at most; later ones are left as plain text", ge=0)
+    tool_token_budget: int = _f(96, "tokens the system may insert into one reply (tool results), in all", gt=0)
     overlap_is_cap: float = _f(2.0, "truncation of those importance weights pi_learner / pi_sampler", gt=0)
 
 
@@ -227,103 +200,6 @@ class LoggerConfig(Section):
     wandb_mode: Literal["auto", "online", "offline"] = _f("auto", "auto = online with WANDB_API_KEY, else offline")
 
 
-class SFTConfig(Section):
-    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
-    lr: float = _f(1e-3, "AdamW learning rate", gt=0)
-    batch_size: int = _f(16, "dialogues per optimizer step", gt=0)
-    micro_batch_size: int = _f(8, "dialogues per forward/backward on one worker", gt=0)
-    epochs: int = _f(1, "passes over the demonstration data", gt=0)
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
-    max_tokens: int = _f(256, "dialogues are cut to this many tokens", gt=0)
-    lora: Optional[LoraConfig] = _f(None, "train low-rank adapters (merged into the saved model); null = full fine-tuning")
-
-
-class RewardModelConfig(Section):
-    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
-    lr: float = _f(1e-4, "AdamW learning rate", gt=0)
-    prompts_per_batch: int = _f(8, "prompts per optimizer step (each with all its K replies)", gt=0)
-    epochs: int = _f(1, "passes over the comparisons (InstructGPT: 1, to avoid overfitting)", gt=0)
-    replies_per_prompt: int = _f(4, "K replies ranked per prompt (InstructGPT: 4 to 9)", ge=4, le=9)
-    prompts_per_round: int = _f(64, "prompts whose K replies are ranked in each round", gt=0)
-    held_out_fraction: float = _f(0.1, "share of compared prompts kept out of training for accuracy", ge=0, lt=1)
-    lora: Optional[LoraConfig] = _f(None, "adapters on the backbone (the value head trains whole; merged into the "
-                                    "saved model); null = full fine-tuning")
-
-
-class DPOConfig(Section):
-    """Direct preference optimisation and its relatives on the comparisons (`rlhf dpo`)."""
-
-    loss: Literal["dpo", "ipo", "cdpo", "simpo", "kto"] = _f(
-        "dpo", "dpo: sigmoid (Rafailov et al. 2023); ipo: squared (Azar et al. 2023); cdpo: dpo with label "
-        "smoothing; simpo: reference-free, length-normalised, margin gamma (Meng et al. 2024); kto: unpaired "
-        "desirable/undesirable (Ethayarajh et al. 2024)")
-    beta: float = _f(0.1, "strength of the implicit KL to the reference (simpo: reward scale)", gt=0)
-    label_smoothing: float = _f(0.1, "cdpo: assumed share of flipped preference labels", ge=0, lt=0.5)
-    gamma: float = _f(0.5, "simpo: target reward margin", ge=0)
-    pairs: Literal["all", "best_worst"] = _f("all", "from a K-reply comparison: every (better, worse) pair, or "
-                                             "only best against worst")
-    reference: Optional[bool] = _f(None, "use the reference model's log-probs (the starting policy); null = "
-                                   "the loss decides (all but simpo); true with simpo is an error")
-    desirable_weight: float = _f(1.0, "kto: weight of desirable replies", gt=0)
-    undesirable_weight: float = _f(1.0, "kto: weight of undesirable replies", gt=0)
-    num_workers: int = _f(1, "Ray Train workers (DeepSpeed data-parallel ranks)", gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = _f(2, "DeepSpeed ZeRO stage")
-    lr: float = _f(5e-5, "AdamW learning rate (quickstart: 5e-4 drags chosen log-probs down, loses to SFT)", gt=0)
-    batch_size: int = _f(16, "preference pairs per optimizer step", gt=0)
-    micro_batch_size: int = _f(8, "pairs per forward/backward on one worker", gt=0)
-    epochs: int = _f(2, "passes over the pairs", gt=0)
-    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps; null = epochs decide", gt=0)
-    max_tokens: int = _f(256, "prompt + reply cut to this many tokens", gt=0)
-    held_out_fraction: float = _f(0.1, "share of compared prompts kept out for implicit-reward accuracy", ge=0, lt=1)
-    lora: Optional[LoraConfig] = _f(None, "train low-rank adapters (merged into the saved model); null = full")
-
-
-class BestOfNConfig(Section):
-    """Rejection sampling (RAFT / Llama 2): N replies per prompt, the reward model keeps the best, SFT on them."""
-
-    n: int = _f(8, "replies sampled per prompt", ge=2)
-    prompts: int = _f(128, "prompts per round", gt=0)
-    temperature: float = _f(1.0, "sampling temperature", gt=0)
-
-
-class PipelineConfig(Section):
-    method: Literal["ppo", "dpo", "best_of_n"] = _f("ppo", "how each round trains the policy on its comparisons: "
-                                                     "reward model + PPO, (online) DPO, or best-of-N + SFT")
-    rounds: int = _f(2, "rounds of (collect comparisons -> train reward model -> PPO) after SFT", gt=0)
-    eval_prompts: int = _f(64, "held-out prompts for the per-round evaluation", gt=0)
-    eval_samples: int = _f(4, "sampled replies per held-out prompt (each prompt's score is their mean)", gt=0)
-    judge: Optional[LabelerConfig] = _f(None, "who scores held-out replies (same keys as labeler); null = the labeler")
-    eval_every: int = _f(5, "during PPO, score the policy's replies to a fixed held-out sample with the judge "
-                         "every N steps (eval/labeler_score), and before step 1 and after the last; 0 = only those two", ge=0)
-    eval_subset: int = _f(16, "held-out prompts in that fixed sample (the first ones of the eval prompts)", gt=0)
-    select: Literal["best", "last"] = _f("best", "policy a PPO stage hands on: the best by that judge score "
-                                         "(the starting policy counts as step 0), or the last step's; and "
-                                         "between rounds the best so far by the held-out judge (SFT counts), "
-                                         "or the newest")
-    patience: int = _f(3, "stop PPO early once the judge score has fallen for this many evaluations in a "
-                       "row; 0 = never", ge=0)
-    kl_target: Optional[float] = _f(3.0, "adaptive KL target (nats per reply) the pipeline's PPO stages use when "
-                                    "ppo.kl.target is null; null = keep ppo.kl.coef fixed", gt=0)
-    kl_horizon: int = _f(512, "horizon (samples) of that adaptive controller; the pipeline's short PPO stages need "
-                         "one far below ppo.kl.horizon's 10,000 for the coefficient to move at all", gt=0)
-
-
-class LabelConfig(Section):
-    """The labeling web app (`rlhf label serve RUN_DIR`), read from the run folder's config.yaml."""
-
-    order: Literal["uncertainty", "random", "fifo"] = _f(
-        "uncertainty", "queue order: smallest reward-model score margin between replies first (the run's newest "
-        "RM; fifo until there is one), a fixed shuffle per labeler, or oldest first")
-    overlap: float = _f(0.1, "share of comparisons handed to a second labeler, for agreement", ge=0, le=1)
-    lease_s: float = _f(600.0, "seconds a labeler holds a handed-out comparison before others may take it", gt=0)
-    k: int = _f(4, "alternatives sampled per chat-and-compare", ge=2, le=9)
-    max_body_kb: int = _f(64, "largest request body in KiB (413 above it)", gt=0)
-    rules: dict[str, str] = _f({}, "rule name -> text labelers can tick as violated; {} = the task's rules")
-    seed: int = _f(0, "seed of the overlap draw and the random order", ge=0)
-
-
 class ExperimentConfig(Section):
     """A whole experiment: one YAML file in configs/, plus command-line overrides."""
 
@@ -348,6 +224,9 @@ class ExperimentConfig(Section):
     dpo: DPOConfig = _f(DPOConfig(), "DPO-family training on comparisons (rlhf dpo, pipeline.method dpo)")
     best_of_n: BestOfNConfig = _f(BestOfNConfig(), "rejection sampling (pipeline.method best_of_n)")
     pipeline: PipelineConfig = _f(PipelineConfig(), "the SFT -> (comparisons -> RM -> PPO) x rounds recipe")
+    evidence: EvidenceConfig = _f(EvidenceConfig(), "Sparrow-style evidence: the search tool's corpus and the "
+                                  "evidence rewards")
+    rule_rm: RuleRMConfig = _f(RuleRMConfig(), "the rule-conditional reward model (one model, every rule)")
 
 
 def check_consistency(cfg: ExperimentConfig) -> None:

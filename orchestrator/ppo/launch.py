@@ -133,6 +133,26 @@ def rollout_engine_class(backend: str) -> type:
     return RolloutEngine
 
 
+def evidence_spec(cfg: ExperimentConfig) -> dict | None:
+    """The evidence.* keys plus the task spec, as plain values for actors: the search tool's corpus
+    and the evidence rewards' settings. None when nothing searches or rewards evidence."""
+    wanted = "search" in cfg.rollout.tools or any(name.startswith("evidence_") for name in cfg.reward.functions)
+    return {**cfg.evidence.model_dump(), "task": cfg.data.task} if wanted else None
+
+
+def tool_spec(cfg: ExperimentConfig) -> dict | None:
+    """What a rollout engine needs to run rollout.tools (None: no tools): names, limits, evidence."""
+    if not cfg.rollout.tools:
+        return None
+    return {"names": list(cfg.rollout.tools), "max_calls": cfg.rollout.max_tool_calls,
+            "token_budget": cfg.rollout.tool_token_budget, "evidence": evidence_spec(cfg)}
+
+
+def _tools_kwarg(cfg: ExperimentConfig) -> dict:
+    spec = tool_spec(cfg)
+    return {"tools": spec} if spec else {}
+
+
 def sampling_rollout(cfg: ExperimentConfig, policy: str, seed: int, max_model_len: int | None = None):
     """One rollout engine on the `policy` folder, outside any placement group, as a RolloutGroup
     (the caller shuts it down): for sampling outside PPO (comparisons, best-of-N, the LLM judge).
@@ -145,7 +165,7 @@ def sampling_rollout(cfg: ExperimentConfig, policy: str, seed: int, max_model_le
         model_path=policy, dtype=cfg.model.dtype,
         max_model_len=max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
         seed=seed, kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0)
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0, **_tools_kwarg(cfg))
     return RolloutGroup([engine], tensor_parallel_size=cfg.rollout.tensor_parallel_size)
 
 
@@ -172,7 +192,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
         max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        enforce_eager=cfg.placement.gpus_per_node == 0)  # CUDA graphs only pay off on GPUs
+        enforce_eager=cfg.placement.gpus_per_node == 0, **_tools_kwarg(cfg))  # CUDA graphs only pay off on GPUs
         for i in range(cfg.rollout.engines)]
 
     def learner_args(section, model_path: str, seed_offset: int) -> LearnerArgs:
@@ -204,7 +224,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     reward = reward_cls.remote(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
                                clip=cfg.reward.clip, dtype=cfg.model.dtype,
-                               forbidden_phrases=list(cfg.reward.forbidden_phrases))
+                               forbidden_phrases=list(cfg.reward.forbidden_phrases), evidence=evidence_spec(cfg))
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
     actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")

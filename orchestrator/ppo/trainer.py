@@ -260,6 +260,7 @@ class PPOTrainer:
             "step": step,
             "reward/mean": sum(scores.total) / len(scores.total),
             **{f"reward/{k}": sum(v) / len(v) for k, v in scores.components.items()},
+            **scores.metrics,  # e.g. evidence/search_rate, evidence/supported_rate (actors/reward.py)
             "kl/mean": float(kl_per_seq.mean()),
             "kl/coef": self.kl_ctl.value,
             "response_length/mean": float(lengths.float().mean()),

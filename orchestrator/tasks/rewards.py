@@ -81,6 +81,7 @@ class RuleParams:
     """Parameters rules take from config (`reward.*`), as plain values."""
 
     forbidden_phrases: tuple[str, ...] = ()  # phrases `forbidden_phrase` penalises
+    evidence: dict | None = None  # evidence.* keys plus `task` (the data.task spec): the evidence_* rewards
 
 
 def _bind_forbidden_phrase(params: RuleParams) -> RewardFn:
