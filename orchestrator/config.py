@@ -467,13 +467,15 @@ def resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
 
     data = cfg.data.model_copy(update={
         key: [s.model_copy(update={"path": resolve_path(s.path, base)}) for s in getattr(cfg.data, key)]
-        for key in ("sft", "prompts", "eval", "comparisons")} | {"task": _resolve_target(cfg.data.task, base)})
+        for key in ("sft", "prompts", "eval", "comparisons", "rule_labels")} | {"task": _resolve_target(cfg.data.task, base)})
     model = cfg.model
-    for key in ("policy", "reward"):
+    for key in ("policy", "reward", "rule_reward"):
         value = getattr(model, key)
         if value and value != "tiny" and (value.startswith(".") or (base / value).exists()):
             model = model.model_copy(update={key: resolve_path(value, base)})
-    return cfg.model_copy(update={"data": data, "model": model, "labeler": labeler(cfg.labeler),
+    evidence = cfg.evidence.model_copy(update={"corpus": resolve_path(cfg.evidence.corpus, base)}) \
+        if cfg.evidence.corpus else cfg.evidence
+    return cfg.model_copy(update={"data": data, "model": model, "labeler": labeler(cfg.labeler), "evidence": evidence,
                                   "pipeline": cfg.pipeline.model_copy(update={"judge": labeler(cfg.pipeline.judge)})})
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.data.sources import Dialogue, load_dialogues
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.evidence.format import RESULT
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -66,6 +67,7 @@ def encode_dialogues(tokenizer, dialogues: list[Dialogue], max_tokens: int) -> E
             ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
         else:
             ids, mask = prefix_assistant_mask(tokenizer, dialogue)
+        mask = mask_tool_results(tokenizer, dialogue, ids, mask)
         cut = len(ids) > max_tokens
         ids, mask = ids[:max_tokens], mask[:max_tokens]
         # Position 0 is never a target (nothing predicts it), so it does not count.
@@ -78,6 +80,26 @@ def encode_dialogues(tokenizer, dialogues: list[Dialogue], max_tokens: int) -> E
         raise BadInput(f"sft.max_tokens: no dialogue has an assistant token within the first {max_tokens} "
                        f"tokens ({out.skipped} dialogues skipped)")
     return out
+
+
+def mask_tool_results(tokenizer, dialogue: Dialogue, ids: list[int], mask: list[int]) -> list[int]:
+    """`mask` with the tokens of tool results inside assistant turns set to 0: the system inserts
+    those lines at rollout (orchestrator/evidence/format.py, `Search Result: ...`), so SFT does not
+    teach the policy to write them, as PPO's loss mask does not. A token counts when it lies wholly
+    inside such a line (its newline included); a token that straddles the line's edge stays a target.
+    Dialogues without tool results, and tokenizers without offsets, are returned unchanged."""
+    if not any(m["role"] == "assistant" and RESULT in m["content"] for m in dialogue):
+        return mask
+    full = _render(tokenizer, dialogue, False)
+    spans = [(m.start(), m.end()) for m in re.finditer(rf"(?m)^{re.escape(RESULT)}[^\n]*\n?", full)]
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        return mask
+    if list(enc["input_ids"]) != list(ids):
+        return mask  # the template tokenized differently: leave the mask as the template made it
+    inside = [any(s <= a and b <= e for s, e in spans) for a, b in enc["offset_mapping"]]
+    return [0 if hidden else m for m, hidden in zip(mask, inside)]
 
 
 def _render(tokenizer, messages: Dialogue, generation_prompt: bool) -> str:

@@ -240,3 +240,16 @@ def test_smollm2_template_masks_every_assistant_turn_and_its_im_end(smollm2_toke
     prompt = tok.apply_chat_template(_TWO_TURNS[:1], add_generation_prompt=True, tokenize=True,
                                      return_dict=True)["input_ids"]
     assert ids[: len(prompt)] == list(prompt) and mask.index(1) == len(prompt)
+
+
+def test_tool_results_inside_an_assistant_turn_are_not_sft_targets(tokenizer):
+    """The system inserts `Search Result:` lines at rollout; SFT must not teach the policy to write them."""
+    reply = "Search Query: capital of Veltra\nSearch Result: Veltra | Its capital is Osk.\nOsk. Source: Veltra \"Osk\""
+    dialogue = [{"role": "user", "content": "What is the capital of Veltra?"}, {"role": "assistant", "content": reply}]
+    (ids, mask), = encode_dialogues(tokenizer, [dialogue], max_tokens=512).rows
+    trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert "Search Query: capital of Veltra\n" in trained and trained.endswith(f'Source: Veltra "Osk"{IM_END}')
+    assert "Its capital is" not in trained and "Search Result" not in trained
+    plain = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+    (_, plain_mask), = encode_dialogues(tokenizer, [plain], max_tokens=512).rows
+    assert sum(plain_mask) == len(tokenizer.encode("2 + 3 = 5.", add_special_tokens=False)) + 1  # + <|im_end|>
