@@ -229,6 +229,13 @@ class ExperimentConfig(Section):
     rule_rm: RuleRMConfig = _f(RuleRMConfig(), "the rule-conditional reward model (one model, every rule)")
 
 
+def max_sequence_tokens(cfg: ExperimentConfig) -> int:
+    """Longest prompt + reply a rollout can make: the prompt, the policy's tokens and, with tools,
+    the tokens the system inserts (rollout.tool_token_budget)."""
+    tools = cfg.rollout.tool_token_budget if cfg.rollout.tools else 0
+    return cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens + tools
+
+
 def check_consistency(cfg: ExperimentConfig) -> None:
     """Checks that span several keys; each error names the key to change."""
     ppo, rollout = cfg.ppo, cfg.rollout
@@ -252,9 +259,10 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     tiny = cfg.model.tiny
     if tiny.num_heads % tiny.num_kv_heads:
         raise ConfigError("model.tiny.num_kv_heads", f"must divide model.tiny.num_heads = {tiny.num_heads}")
-    longest = cfg.data.max_prompt_tokens + rollout.max_new_tokens
+    longest = max_sequence_tokens(cfg)
     if cfg.model.policy == "tiny" and longest > tiny.max_position_embeddings:
-        raise ConfigError("data.max_prompt_tokens", f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} "
+        raise ConfigError("data.max_prompt_tokens", f"data.max_prompt_tokens + rollout.max_new_tokens "
+                          f"(+ rollout.tool_token_budget with rollout.tools) = {longest} "
                           f"exceeds model.tiny.max_position_embeddings = {tiny.max_position_embeddings}")
     if cfg.sync.backend in ("nccl", "cuda_ipc") and cfg.placement.gpus_per_node == 0:
         raise ConfigError("sync.backend", f"{cfg.sync.backend} needs GPUs (placement.gpus_per_node is 0); "

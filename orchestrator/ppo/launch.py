@@ -18,7 +18,8 @@ import ray
 
 from rlhf.actors.timing import with_compute_clock
 from rlhf.orchestrator.run.checkpoint import CheckpointManager
-from rlhf.orchestrator.config import ExperimentConfig
+from rlhf.orchestrator.config import ExperimentConfig, max_sequence_tokens
+from rlhf.orchestrator.evidence.prepare import evidence_spec, prepare_evidence, tool_spec  # noqa: F401
 from rlhf.orchestrator.errors import BadInput, TrainingAborted
 from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.ppo.judging import JudgePlan, Selection
@@ -133,22 +134,8 @@ def rollout_engine_class(backend: str) -> type:
     return RolloutEngine
 
 
-def evidence_spec(cfg: ExperimentConfig) -> dict | None:
-    """The evidence.* keys plus the task spec, as plain values for actors: the search tool's corpus
-    and the evidence rewards' settings. None when nothing searches or rewards evidence."""
-    wanted = "search" in cfg.rollout.tools or any(name.startswith("evidence_") for name in cfg.reward.functions)
-    return {**cfg.evidence.model_dump(), "task": cfg.data.task} if wanted else None
-
-
-def tool_spec(cfg: ExperimentConfig) -> dict | None:
-    """What a rollout engine needs to run rollout.tools (None: no tools): names, limits, evidence."""
-    if not cfg.rollout.tools:
-        return None
-    return {"names": list(cfg.rollout.tools), "max_calls": cfg.rollout.max_tool_calls,
-            "token_budget": cfg.rollout.tool_token_budget, "evidence": evidence_spec(cfg)}
-
-
 def _tools_kwarg(cfg: ExperimentConfig) -> dict:
+    """`tools=` for an engine's constructor when rollout.tools is set (older engines need no new kwarg)."""
     spec = tool_spec(cfg)
     return {"tools": spec} if spec else {}
 
@@ -163,7 +150,7 @@ def sampling_rollout(cfg: ExperimentConfig, policy: str, seed: int, max_model_le
     gpus = cfg.rollout.tensor_parallel_size if cfg.placement.gpus_per_node else 0
     engine = ray.remote(rollout_engine_class(cfg.rollout.backend)).options(num_cpus=1, num_gpus=gpus).remote(
         model_path=policy, dtype=cfg.model.dtype,
-        max_model_len=max_model_len or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        max_model_len=max_model_len or max_sequence_tokens(cfg),
         seed=seed, kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size, enforce_eager=gpus == 0, **_tools_kwarg(cfg))
     return RolloutGroup([engine], tensor_parallel_size=cfg.rollout.tensor_parallel_size)
@@ -189,7 +176,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     engine_cls = rollout_engine_class(cfg.rollout.backend)
     engines = [remote(engine_cls, "rollout", i, **engine_restart).remote(
         model_path=paths.policy, dtype=cfg.model.dtype,
-        max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, seed=cfg.seed + i,
+        max_model_len=max_sequence_tokens(cfg), seed=cfg.seed + i,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         enforce_eager=cfg.placement.gpus_per_node == 0, **_tools_kwarg(cfg))  # CUDA graphs only pay off on GPUs
@@ -287,6 +274,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
                            "or choose another --out")
         out = prepare_run_dir(out, cfg)
         task = load_task(cfg.data.task)
+        cfg = prepare_evidence(cfg, task, out)  # rollout.tools search: the corpus (the task's, or evidence.corpus), indexed
         dialogues = load_prompts(cfg, task)
         demos = load_sft_dialogues(cfg, task, cfg.seed) if cfg.ppo.ptx_coef > 0 and ptx_rows is None else None
         # A tiny policy's tokenizer learns from whole demonstrations where there are some.

@@ -38,6 +38,7 @@ from rlhf.orchestrator.data.labelers import build_judge, build_labeler
 from rlhf.orchestrator.data.prompts import build_prompts, load_eval_prompts, load_prompts
 from rlhf.orchestrator.data.sources import load_preferences
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.evidence.prepare import check_evidence_source, prepare_evidence
 from rlhf.orchestrator.ppo.judging import HeldOutJudge, JudgePlan
 from rlhf.orchestrator.ppo.launch import (check_all_lora_targets, resolve_policy, run_ppo, sampling_rollout,
                                           start_ray)
@@ -70,10 +71,13 @@ class PipelineState:
         return self.stages[stage]
 
 
-def ppo_stage_config(cfg: ExperimentConfig, policy: str, reward_model: str) -> ExperimentConfig:
-    """The PPO stage's config: start from `policy`, score with the round's reward model, and an
-    adaptive KL target (pipeline.kl_target) unless ppo.kl.target is set."""
-    update = {"model": cfg.model.model_copy(update={"policy": policy, "reward": reward_model})}
+def ppo_stage_config(cfg: ExperimentConfig, policy: str, reward_model: str,
+                     rule_model: str | None = None) -> ExperimentConfig:
+    """The PPO stage's config: start from `policy`, score with the round's reward model (and rule
+    reward model, with rule_rm.enabled), and an adaptive KL target (pipeline.kl_target) unless
+    ppo.kl.target is set."""
+    model = {"policy": policy, "reward": reward_model, **({"rule_reward": rule_model} if rule_model else {})}
+    update = {"model": cfg.model.model_copy(update=model)}
     if cfg.ppo.kl.target is None and cfg.pipeline.kl_target is not None:
         kl = cfg.ppo.kl.model_copy(update={"target": cfg.pipeline.kl_target, "horizon": cfg.pipeline.kl_horizon})
         update["ppo"] = cfg.ppo.model_copy(update={"kl": kl})
@@ -136,6 +140,7 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
                     eval_prompts=load_eval_prompts(cfg, task, cfg.pipeline.eval_prompts),
                     preferences=load_preferences(cfg.data.comparisons, "data.comparisons"))
     _probe(cfg, inputs)
+    check_evidence_source(cfg, task)
     return inputs
 
 
@@ -198,6 +203,7 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
     if (out / STATE_FILE).is_file() and not resume:
         raise BadInput(f"output folder {out} holds a pipeline run; pass --resume to continue it or choose another --out")
     out = prepare_run_dir(out, cfg)
+    cfg = prepare_evidence(cfg, inputs.task, out)  # the search corpus (the task's, written once) and its index
     state = PipelineState.load(out / STATE_FILE)
     waiting = next((r for r in range(1, cfg.pipeline.rounds + 1) if state.done(f"round{r}/comparisons")
                     and not state.done(f"round{r}/rm")), None)

@@ -47,7 +47,7 @@ from pathlib import Path
 from rlhf.actors.lora import LoraArgs, check_targets_for
 from rlhf.actors.rm_worker import EVAL_FILE, PromptGroup, RMData, RMWorkerArgs, _train_worker
 from rlhf.orchestrator.recipe.comparisons import Comparison
-from rlhf.orchestrator.config import ExperimentConfig
+from rlhf.orchestrator.config import ExperimentConfig, max_sequence_tokens
 from rlhf.orchestrator.errors import BadInput, RemoteCallFailed
 from rlhf.orchestrator.models.scoring import turn_end_ids
 from rlhf.orchestrator.run.rundir import replace_folder
@@ -120,7 +120,7 @@ def build_rm_data(cfg: ExperimentConfig, comparisons: list[Comparison], demonstr
         raise BadInput(f"rm.num_workers: {len(train)} training comparisons for {cfg.rm.num_workers} workers; "
                        "collect more (rm.prompts_per_round) or use fewer workers")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    max_len = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    max_len = max_sequence_tokens(cfg)  # replies may hold inserted tool results
     turn_end = turn_end_ids(model_path, tokenizer)
     prompt_cache: dict[str, list[int]] = {}
 
