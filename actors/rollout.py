@@ -27,6 +27,7 @@ vLLM settings chosen here, and why:
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -44,9 +45,11 @@ class RolloutEngine:
     def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
                  kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False,
-                 rpc_timeout_s: float = 300.0) -> None:
+                 rpc_timeout_s: float = 300.0, tools: dict | None = None) -> None:
         """`kv_cache_gib` sizes the KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); on GPUs
-        `gpu_memory_utilization` does. `rpc_timeout_s` bounds every call into the workers."""
+        `gpu_memory_utilization` does. `rpc_timeout_s` bounds every call into the workers.
+        `tools`: launch.tool_spec(cfg) (None: no tools); `generate` then runs the tool loop of
+        rlhf.actors.tools, each segment one vLLM request with stop strings."""
         # Set before vLLM starts its engine processes, which read them at start.
         # Multiprocessing stays on: in-process, the CPU worker would pin this process's
         # threads, bind its memory and reseed its RNG (see tests/integration/test_tiny_vllm.py).
@@ -64,7 +67,14 @@ class RolloutEngine:
         # 16 prompts x 8 samples x 40 tokens. Whole prompts per step avoid the rewind.
         cpu = {} if torch.cuda.is_available() else {
             "enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, int(max_model_len))}
-        self.rpc_timeout_s = rpc_timeout_s
+        self.rpc_timeout_s, self.max_model_len = rpc_timeout_s, max_model_len
+        self.tools, self.tokenizer = None, None
+        if tools:
+            from transformers import AutoTokenizer
+
+            from rlhf.actors.tools import build_tools
+
+            self.tools, self.tokenizer = build_tools(tools), AutoTokenizer.from_pretrained(str(model_path))
         self.llm = vllm.LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
                             gpu_memory_utilization=gpu_memory_utilization,
                             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
@@ -83,11 +93,20 @@ class RolloutEngine:
         `finished[i]` is True iff the sample ended on a stop token (the generation config's
         eos ids: <|im_end|> and <|endoftext|> for the tiny models), which is then the last
         entry of `response_ids[i]`.
+        With tools: rlhf.actors.tools.generate_with_tools (response_mask set, log-probs of the
+        policy's tokens only; segment 0 of a sample keeps the seed above).
         """
         from vllm import SamplingParams, TokensPrompt
 
         if len(prompt_ids) != len(prompt_index):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(prompt_index)} prompt indices")
+        if self.tools is not None:
+            from rlhf.actors.tools import check_lengths, generate_with_tools
+
+            check_lengths(prompt_ids, max_new_tokens, self.tools, self.max_model_len)
+            segment_fn = functools.partial(self._segments, temperature=temperature, top_p=top_p)
+            return generate_with_tools(segment_fn, self.tokenizer, self.tools, prompt_ids, prompt_index, n,
+                                       max_new_tokens, seed)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  logprobs=0, seed=None if seed is None else seed + n * idx)
                   for idx in prompt_index]
@@ -105,6 +124,29 @@ class RolloutEngine:
                 samples.finished.append(completion.finish_reason == "stop")
                 samples.prompt_index.append(idx)
         return samples
+
+    def _segments(self, contexts: list[list[int]], seeds: list[int | None], max_tokens: list[int],
+                  stop_strings: list[list[str]], temperature: float, top_p: float) -> list:
+        """The tool loop's primitive: one request per context, ending at its stop strings (the
+        token that completes one is kept: include_stop_str_in_output), eos or `max_tokens`."""
+        from vllm import SamplingParams, TokensPrompt
+
+        from rlhf.actors.tools import Segment
+
+        params = [SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=m, logprobs=0, seed=s,
+                                 stop=list(stops), include_stop_str_in_output=True)
+                  for s, m, stops in zip(seeds, max_tokens, stop_strings)]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params,
+                                    use_tqdm=False)
+        segments = []
+        for out in outputs:
+            completion = out.outputs[0]
+            tokens = list(completion.token_ids)
+            logps = [float(pos[tok].logprob) for pos, tok in zip(completion.logprobs, tokens)]
+            # stop_reason: the matched stop string (str), an eos/stop token id (int) or None (eos).
+            stopped = isinstance(completion.stop_reason, str)
+            segments.append(Segment(tokens, logps, stopped, completion.finish_reason == "stop" and not stopped))
+        return segments
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-prob of tokens 1..L-1 of each sequence under the current weights (temperature 1)."""

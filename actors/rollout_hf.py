@@ -28,10 +28,12 @@ On a cluster the same, with `num_gpus=1` on the actor (the model goes to that GP
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rlhf.actors.weights import BucketMeta, NamedTensors, WeightGroup, bucket_from_bytes, unflatten_bucket
 from rlhf.orchestrator.experience import Samples
@@ -66,6 +68,36 @@ class SeededSampler:
         return out.scatter_(-1, tokens, 0.0)
 
 
+class StopStrings(StoppingCriteria):
+    """Ends row b once its generated text holds one of `stops[b]` (vLLM's stop strings: searched
+    in the text generated after the `width` context columns), or at `max_tokens[b]` tokens.
+    `stopped_at[b]`: how many tokens the row had when its stop string completed (else None).
+
+    Checked after every token, so a stop string first appears in the latest token; only the
+    last few tokens (enough to spell the longest stop string) are decoded each step.
+    """
+
+    def __init__(self, tokenizer, width: int, stops: list[list[str]], max_tokens: list[int]) -> None:
+        self.tokenizer, self.width, self.stops, self.max_tokens = tokenizer, width, stops, max_tokens
+        self.windows = [max((len(s) for s in row), default=0) + 1 for row in stops]
+        self.stopped_at: list[int | None] = [None] * len(stops)
+        self.done = [False] * len(stops)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        length = input_ids.shape[1]
+        step = length - self.width
+        for b, row in enumerate(self.stops):
+            if self.done[b]:
+                continue
+            if row:
+                window = input_ids[b, max(self.width, length - self.windows[b]):].tolist()
+                text = self.tokenizer.decode(window, skip_special_tokens=True)
+                if any(s in text for s in row):
+                    self.stopped_at[b], self.done[b] = step, True
+            self.done[b] = self.done[b] or step >= self.max_tokens[b]
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
 def _nucleus(logp: Tensor, top_p: float) -> Tensor:
     """Log-probs renormalised over the smallest set of tokens holding `top_p` of the mass."""
     sorted_logp, order = logp.sort(dim=-1, descending=True)
@@ -81,11 +113,12 @@ class HFRolloutEngine:
     def __init__(self, model_path: str, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0,
                  kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
                  enforce_eager: bool = False, rpc_timeout_s: float = 300.0, max_batch_rows: int = 256,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, tools: dict | None = None) -> None:
         """Same arguments as `RolloutEngine`, so the launcher builds either; `kv_cache_gib`,
         `gpu_memory_utilization` and `enforce_eager` are vLLM's and ignored here.
         `max_batch_rows`: samples per `generate` call (bounds the KV cache);
-        `num_threads`: torch threads (None keeps the process's setting, e.g. Ray's)."""
+        `num_threads`: torch threads (None keeps the process's setting, e.g. Ray's);
+        `tools`: launch.tool_spec(cfg) (None: no tools), as on `RolloutEngine`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         if tensor_parallel_size != 1:
@@ -97,7 +130,12 @@ class HFRolloutEngine:
         self.max_model_len, self.rpc_timeout_s, self.max_batch_rows = max_model_len, rpc_timeout_s, max_batch_rows
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype).to(self.device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tools = None
+        if tools:
+            from rlhf.actors.tools import build_tools
+
+            self.tools = build_tools(tools)
         try:
             saved = GenerationConfig.from_pretrained(str(model_path))
         except OSError:  # no generation_config.json
@@ -118,9 +156,16 @@ class HFRolloutEngine:
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 128,
                  seed: int | None = None) -> Samples:
         """`n` samples per prompt, the n of one prompt consecutive, prompts in the given order
-        (the contract of `RolloutEngine.generate`, seeds included)."""
+        (the contract of `RolloutEngine.generate`, seeds and tools included)."""
         if len(prompt_ids) != len(prompt_index):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(prompt_index)} prompt indices")
+        if self.tools is not None:
+            from rlhf.actors.tools import check_lengths, generate_with_tools
+
+            check_lengths(prompt_ids, max_new_tokens, self.tools, self.max_model_len)
+            segment_fn = functools.partial(self._segments, temperature=temperature, top_p=top_p)
+            return generate_with_tools(segment_fn, self.tokenizer, self.tools, prompt_ids, prompt_index, n,
+                                       max_new_tokens, seed)
         longest = max((len(p) for p in prompt_ids), default=0)
         if longest + max_new_tokens > self.max_model_len:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
@@ -141,11 +186,33 @@ class HFRolloutEngine:
                 samples.prompt_index.append(idx)
         return samples
 
+    def _segments(self, contexts: list[list[int]], seeds: list[int | None], max_tokens: list[int],
+                  stop_strings: list[list[str]], temperature: float, top_p: float) -> list:
+        """The tool loop's primitive: each context generates until its stop strings (the token
+        that completes one is kept, as vLLM's include_stop_str_in_output), an eos id or `max_tokens`."""
+        from rlhf.actors.tools import Segment
+
+        segments = []
+        for start in range(0, len(contexts), self.max_batch_rows):
+            part = slice(start, start + self.max_batch_rows)
+            width = max(len(c) for c in contexts[part])
+            stop = StopStrings(self.tokenizer, width, stop_strings[part], max_tokens[part])
+            row_seeds = [self._fresh_seed() if s is None else s for s in seeds[part]]
+            ids, logps = self._generate_rows(contexts[part], row_seeds, temperature, top_p, max(max_tokens[part]),
+                                             stop)
+            for tokens, lp, limit, at in zip(ids, logps, max_tokens[part], stop.stopped_at):
+                eos = next((k + 1 for k, t in enumerate(tokens[:limit]) if t in self.stop_ids), None)
+                cut = min(c for c in (eos, at, limit) if c is not None)
+                segments.append(Segment(tokens[:cut], lp[:cut], at == cut and eos != cut, eos == cut))
+        return segments
+
     @torch.no_grad()
     def _generate_rows(self, prompts: list[list[int]], seeds: list[int], temperature: float, top_p: float,
-                       max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+                       max_new_tokens: int, stop: StoppingCriteria | None = None
+                       ) -> tuple[list[list[int]], list[list[float]]]:
         """One left-padded `generate` call; returns each row's generated ids and log-probs
-        (after a row's stop token, `generate` fills in pad ids: the caller cuts them)."""
+        (after a row's stop token, `generate` fills in pad ids: the caller cuts them).
+        `stop`: an extra stopping criterion (tool calls' stop strings)."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -157,7 +224,8 @@ class HFRolloutEngine:
         sampler = SeededSampler(uniforms, temperature, top_p)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                   do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                                  logits_processor=[sampler], use_cache=True)
+                                  logits_processor=[sampler], use_cache=True,
+                                  stopping_criteria=StoppingCriteriaList([stop] if stop is not None else []))
         generated = out[:, width:].cpu().tolist()
         logps = torch.stack(sampler.logprobs, dim=1).cpu().tolist() if sampler.logprobs else [[] for _ in prompts]
         return generated, logps

@@ -5,12 +5,13 @@ Layout conventions, used everywhere:
 - Per-token tensors ("token" below) have shape [B, T-1] and are aligned with the *targets*
   input_ids[:, 1:]: position t holds the log-prob / value / reward / advantage of emitting
   token t+1 given tokens <= t. `action_mask[b, t] = 1` iff token t+1 is a response token
-  (the stop token included when it was generated).
+  the policy generated (the stop token included; a tool's inserted tokens excluded, so the
+  mask can have gaps inside a response).
 - Samples of one prompt are consecutive: row i belongs to prompt group i // n.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -19,20 +20,35 @@ from torch import Tensor
 
 @dataclass
 class Samples:
-    """What rollout engines return: token ids, no padding, one entry per sample."""
+    """What rollout engines return: token ids, no padding, one entry per sample.
+
+    With tools (rlhf.actors.tools) a response holds the policy's ids and the ids the system
+    inserted, as they happened; `response_mask` tells them apart and `response_logprobs` covers
+    the policy's ids only. Without tools `response_mask` is [] (every response id is the policy's).
+    """
 
     prompt_ids: list[list[int]]         # B lists of prompt token ids
-    response_ids: list[list[int]]       # B lists of generated ids (stop token included if generated)
-    response_logprobs: list[list[float]]  # B lists, the sampler's log-prob of each generated id
+    response_ids: list[list[int]]       # B lists of response ids (stop token included if generated)
+    response_logprobs: list[list[float]]  # B lists, the sampler's log-prob of each POLICY id (len = sum(mask))
     finished: list[bool]                # B: ended on a stop token (not cut by max_new_tokens)
     prompt_index: list[int]             # B: index of the prompt in the step's prompt list
+    response_mask: list[list[int]] = field(default_factory=list)  # [] or B lists: 1 policy id, 0 inserted
 
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def policy_mask(self, i: int) -> list[int]:
+        """Sample i's response mask (all ones when the samples carry none)."""
+        return self.response_mask[i] if self.response_mask else [1] * len(self.response_ids[i])
+
     @staticmethod
     def concat(parts: list["Samples"]) -> "Samples":
-        return Samples(*[sum((getattr(p, f.name) for p in parts), []) for f in fields(Samples)])
+        """One Samples of all parts in order; parts with and without masks mix (then all get one)."""
+        lists = [f.name for f in fields(Samples) if f.name != "response_mask"]
+        out = Samples(*[sum((getattr(p, name) for p in parts), []) for name in lists])
+        if any(p.response_mask for p in parts):
+            out.response_mask = [p.policy_mask(i) for p in parts for i in range(len(p))]
+        return out
 
 
 @dataclass
@@ -61,7 +77,8 @@ class SequenceBatch:
 
 
 def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
-    """Pads prompt+response ids into a `SequenceBatch`."""
+    """Pads prompt+response ids into a `SequenceBatch`; the action mask is 0 on inserted
+    (response_mask 0) tokens: they are context, not actions of the policy."""
     lengths = [len(p) + len(r) for p, r in zip(samples.prompt_ids, samples.response_ids)]
     B, T = len(lengths), max(lengths)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -70,7 +87,7 @@ def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
     for i, (p, r) in enumerate(zip(samples.prompt_ids, samples.response_ids)):
         input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[i, : len(p) + len(r)] = 1
-        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1.0
+        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(samples.policy_mask(i), dtype=torch.float32)
     return SequenceBatch(input_ids, attention_mask, action_mask)
 
 

@@ -5,4 +5,5 @@
     retrieval.py  BM25 over the passages (bm25s), index cached beside the corpus
     rewards.py    evidence_supported / evidence_plausible reward components and their guards
     evaluate.py   held-out supported-and-plausible and rule-violation rates of a policy
+    cli.py        `rlhf evidence index|search CORPUS`: build the cached index, try queries
 """

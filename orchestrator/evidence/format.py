@@ -6,7 +6,8 @@ A reply that uses evidence is one assistant turn of three kinds of lines:
     Search Result: Veltra | Veltra is a river nation. Its capital is Osk.
     Osk is the capital of Veltra. Source: Veltra "Its capital is Osk."
 
-- `Search Query: <query>` is written by the policy; the line's newline ends the tool call.
+- `Search Query: <query>` is written by the policy (anywhere in a line: text before it is answer);
+  the line's newline ends the tool call.
 - `Search Result: <title> | <passage>` lines are inserted by the system (the search tool),
   one per retrieved passage; the policy never generates them (their tokens are masked out of
   the policy loss).
@@ -85,6 +86,10 @@ def parse(reply: str) -> Transcript:
     answer_lines: list[str] = []
     for raw in reply.split("\n"):
         line = raw.strip()
+        before, sep, after = line.partition(QUERY)
+        if sep and before:  # "Let me check. Search Query: x": the tool runs on a query anywhere in a line
+            answer_lines.append(before.strip())
+            line = sep + after
         if line.startswith(QUERY):
             out.queries.append(normalize(line[len(QUERY):]))
             out.results.append([])

@@ -60,12 +60,14 @@ def make_advantages(name: str, scores: torch.Tensor, logp: torch.Tensor, ref_log
 
 def sampler_logprobs(samples, mask: torch.Tensor) -> torch.Tensor:
     """The engines' per-token log-probs of the sampled replies, laid out like the learner's
-    [B, T-1] tensors (0 outside `mask`)."""
+    [B, T-1] tensors (0 outside `mask`). The log-probs are of the policy's tokens only, so they go
+    onto the mask's 1-positions in order (a tool's inserted tokens are gaps in the mask)."""
     sampler = torch.zeros(mask.shape, dtype=torch.float32)
-    lengths = mask.sum(1)
     for i, lp in enumerate(samples.response_logprobs):
-        start = int(mask[i].nonzero()[0]) if lengths[i] > 0 else 0
-        sampler[i, start:start + len(lp)] = torch.tensor(lp)
+        positions = mask[i].nonzero()[:, 0]
+        if len(positions) != len(lp):
+            raise ValueError(f"sample {i}: {len(lp)} sampler log-probs for {len(positions)} policy tokens")
+        sampler[i, positions] = torch.tensor(lp, dtype=torch.float32)
     return sampler
 
 

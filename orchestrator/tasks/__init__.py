@@ -6,7 +6,7 @@ task is `pkg.module:Factory` or `/abs/path/file.py:Factory`, where `Factory()` r
 object with the `Task` methods:
 
     data:
-      task: instruct                       # or arithmetic, or my_tasks.py:MyTask
+      task: instruct                       # or arithmetic, rules, evidence, or my_tasks.py:MyTask
 
     task = load_task("instruct")
     demos = task.demonstrations(256, seed=0)   # each ends with the demonstrated assistant turn
@@ -122,11 +122,13 @@ def load_task(spec: str | None, key: str = "data.task") -> Task | None:
 
 # Imported last: the built-ins import nothing from here, and the registry needs them.
 from rlhf.orchestrator.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from rlhf.orchestrator.tasks.evidence import EvidenceTask  # noqa: E402
 from rlhf.orchestrator.tasks.instruct import InstructTask  # noqa: E402
 from rlhf.orchestrator.tasks.rules import RulesTask  # noqa: E402
 
 TASKS: dict[str, Callable[[], Task]] = {
     "arithmetic": ArithmeticTask,
+    "evidence": EvidenceTask,
     "instruct": InstructTask,
     "rules": RulesTask,
 }

@@ -21,10 +21,12 @@ bound, which is what the reward actor calls. The reward actor logs each componen
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from rlhf.orchestrator.tasks import TASKS, Task
+from rlhf.orchestrator.evidence.rewards import EvidenceChecker, evidence_plausible, evidence_supported
+from rlhf.orchestrator.tasks import TASKS, Task, load_task
 
 RewardFn = Callable[[list[dict], str, list[int]], float]
 
@@ -73,6 +75,8 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "digit_fraction": digit_fraction,
     "forbidden_phrase": forbidden_phrase,
     "no_repetition": no_repetition,
+    "evidence_supported": evidence_supported,  # Sparrow's evidence (orchestrator/evidence/rewards.py)
+    "evidence_plausible": evidence_plausible,
 } | {name: functools.partial(task_score, factory()) for name, factory in TASKS.items()}  # built-in tasks' labelers
 
 
@@ -93,9 +97,33 @@ def _bind_forbidden_phrase(params: RuleParams) -> RewardFn:
     return functools.partial(forbidden_phrase, phrases=phrases)
 
 
+@functools.lru_cache(maxsize=4)
+def _checker(key: str) -> EvidenceChecker:
+    from rlhf.orchestrator.evidence.retrieval import load_retriever
+
+    evidence = json.loads(key)
+    return EvidenceChecker(load_retriever(evidence), load_task(evidence["task"]), top_k=evidence["top_k"],
+                           min_quote_chars=evidence["min_quote_chars"], penalty=evidence["penalty"])
+
+
+def evidence_checker(evidence: dict) -> EvidenceChecker:
+    """The retriever, task and limits of `evidence` (launch.evidence_spec), loaded once per process."""
+    return _checker(json.dumps(evidence, sort_keys=True))  # plain values: the spec is its own cache key
+
+
+def _bind_evidence(fn: RewardFn) -> Callable[[RuleParams], RewardFn]:
+    def bind(params: RuleParams) -> RewardFn:
+        if not params.evidence:
+            raise ValueError(f"reward function {fn.__name__} needs the evidence.* settings (got none)")
+        return functools.partial(fn, checker=evidence_checker(params.evidence))
+    return bind
+
+
 # Rules with parameters: name -> binder (params -> bound function). Others are used as is.
 _BINDERS: dict[str, Callable[[RuleParams], RewardFn]] = {
     "forbidden_phrase": _bind_forbidden_phrase,
+    "evidence_supported": _bind_evidence(evidence_supported),
+    "evidence_plausible": _bind_evidence(evidence_plausible),
 }
 
 

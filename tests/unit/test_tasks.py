@@ -53,7 +53,7 @@ def _shape_ok(dialogue, last_role):
 
 
 def test_registry_holds_both_built_ins_and_loads_them_by_name():
-    assert sorted(TASKS) == ["arithmetic", "instruct", "rules"]
+    assert sorted(TASKS) == ["arithmetic", "evidence", "instruct", "rules"]
     for name in TASKS:
         task = load_task(name)
         assert task.name == name and all(callable(getattr(task, m)) for m in TASK_METHODS)
@@ -112,7 +112,7 @@ def test_load_task_from_module_and_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("spec, why", [
-    ("algebra", "unknown task 'algebra'; known: arithmetic, instruct, rules"),
+    ("algebra", "unknown task 'algebra'; known: arithmetic, evidence, instruct, rules"),
     ("{dir}/nowhere.py:Echo", "no such file"),
     ("no_such_module_xyz:Echo", "no module named 'no_such_module_xyz'"),
     ("{dir}/my_task.py:Missing", "has no attribute 'Missing'"),
