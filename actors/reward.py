@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.orchestrator.experience import Samples
-from rlhf.orchestrator.models.scoring import reward_offset, score_sequences
-from rlhf.orchestrator.tasks.rewards import RuleParams, bind_reward_functions
+from rlhf.orchestrator.models.scoring import (load_rule_model, reward_offset, rule_reward, rule_violation_probs,
+                                              score_sequences)
+from rlhf.orchestrator.tasks.rewards import RuleParams, bind_reward_functions, evidence_checker
 
 
 @dataclass
@@ -27,13 +28,16 @@ class RewardScores:
 class RewardScorer:
     def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
                  model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32",
-                 forbidden_phrases: list[str] | None = None, evidence: dict | None = None) -> None:
+                 forbidden_phrases: list[str] | None = None, evidence: dict | None = None,
+                 rule_model_path: str | None = None, rule_weights: dict[str, float] | None = None) -> None:
         """`functions`: name -> weight (orchestrator/tasks/rewards.py); `forbidden_phrases` feeds the
         `forbidden_phrase` rule (required when that rule is named); `evidence` (the evidence.* keys plus
-        `task`, the data.task spec) feeds the evidence_* rewards and the evidence/* metrics."""
+        `task`, the data.task spec) feeds the evidence_* rewards and the evidence/* metrics.
+        `rule_model_path`: a rule reward model folder (recipe/rule_rm.py); component `rules_rm` =
+        sum over its rules.json of rule_weights[rule] (default 1) * log(1 - P(violation))."""
         from transformers import AutoTokenizer
 
-        if not functions and model_path is None:
+        if not functions and model_path is None and rule_model_path is None:
             raise ValueError("no reward source: give a reward model or at least one function")
         # Bind rule parameters once here; raises ValueError for unknown names or missing params.
         self.evidence = dict(evidence) if evidence else None
@@ -48,6 +52,14 @@ class RewardScorer:
 
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 model_path, num_labels=1, dtype=getattr(torch, dtype)).eval()
+        self.rule_model = self.rule_tokenizer = None
+        self.rules, self.rule_weights = {}, dict(rule_weights or {})
+        if rule_model_path is not None:
+            self.rule_model, self.rule_tokenizer, self.rules = load_rule_model(rule_model_path, dtype)
+            unknown = sorted(set(self.rule_weights) - set(self.rules))
+            if unknown:
+                raise ValueError(f"rule_rm.weights: rules {unknown} are not in {rule_model_path}'s rules.json "
+                                 f"({', '.join(sorted(self.rules))})")
 
     def score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
         """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`."""
@@ -60,10 +72,16 @@ class RewardScorer:
         if self.model is not None:
             components["model"] = self._model_scores(samples)
             weights["model"] = self.model_weight
+        if self.rule_model is not None:
+            components["rules_rm"] = self._rule_scores(samples, prompts, replies)
+            weights["rules_rm"] = 1.0  # the per-rule weights are inside the component
         total = [sum(weights[name] * components[name][i] for name in components) for i in range(len(samples))]
         if self.clip is not None:
             total = [max(-self.clip, min(self.clip, t)) for t in total]
-        return RewardScores(total=total, components=components, scorer=self.instance)
+        metrics = {}
+        if self.evidence:  # evidence/* rates of the batch: search, supported, supported and plausible, quote length
+            metrics = evidence_checker(self.evidence).metrics([prompts[p] for p in samples.prompt_index], replies)
+        return RewardScores(total=total, components=components, scorer=self.instance, metrics=metrics)
 
     def _model_scores(self, samples: Samples) -> list[float]:
         """The reward model's scalar at the last token of prompt + reply, minus the model's
@@ -71,3 +89,16 @@ class RewardScorer:
         seqs = [p + r for p, r in zip(samples.prompt_ids, samples.response_ids)]
         raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id)
         return (raw - reward_offset(self.model)).tolist()
+
+    def _rule_scores(self, samples: Samples, prompts: list[list[dict]], replies: list[str]) -> list[float]:
+        """rules_rm of each sample: the rule model judges the replies to one prompt together."""
+        by_prompt: dict[int, list[int]] = {}
+        for i, p in enumerate(samples.prompt_index):
+            by_prompt.setdefault(p, []).append(i)
+        out = [0.0] * len(replies)
+        for p, rows in by_prompt.items():
+            probs = rule_violation_probs(self.rule_model, self.rule_tokenizer, prompts[p], [replies[i] for i in rows],
+                                         self.rules)
+            for i, value in zip(rows, rule_reward(probs, self.rule_weights)):
+                out[i] = value
+        return out

@@ -76,8 +76,9 @@ SourceList = Annotated[list[DataSourceConfig], BeforeValidator(_source_list)]
 
 
 class DataConfig(Section):
-    task: Optional[str] = _f("arithmetic", "built-in task by name (tasks registry: arithmetic, instruct, rules) or a "
-                             "user's `pkg.module:Factory` / `path/to/file.py:Factory`; null = everything from files")
+    task: Optional[str] = _f("arithmetic", "built-in task by name (tasks registry: arithmetic, evidence, instruct, "
+                             "rules) or a user's `pkg.module:Factory` / `path/to/file.py:Factory`; null = everything "
+                             "from files")
     task_size: int = _f(4096, "demonstration dialogues the built-in task generates", gt=0)
     sft: SourceList = _f([], "demonstrations: dialogues ending with the demonstrated assistant turn")
     prompts: SourceList = _f([], "conversations ending with a user turn, for comparisons and PPO")

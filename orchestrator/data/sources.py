@@ -17,6 +17,8 @@ Formats (field names after the `column` mapping {our field: their column}):
                    message list whose last message is the assistant reply; with no prompt/messages
                    field the prompt is that list without its last message (both lists must share it).
                    Raw HH-RLHF transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...") need converting first.
+  rule_labels      {"messages": [...], "reply": str, "rule": name, "violated": bool}: one reply judged
+                   against one rule (orchestrator/data/rule_labels.py reads them; not a dialogue source).
 As dialogues (SFT, prompts, eval) a preference row counts as its prompt plus the chosen reply.
 `load_preferences` reads every source as preference rows (a messages-format source too: its
 `messages` field is then the prompt); a prompt_response source has no rejected reply and is an error.
@@ -50,8 +52,10 @@ Dialogue = list[dict]  # [{"role": "system"|"user"|"assistant", "content": str},
 ROLES = ("system", "user", "assistant")
 # format -> (required fields, optional fields)
 FIELDS = {"messages": (("messages",), ()), "prompt_response": (("prompt", "response"), ()),
-          "preference": (("chosen", "rejected"), ("prompt", "messages"))}
-_NOUN = {"messages": "dialogue", "prompt_response": "prompt/response pair", "preference": "preference pair"}
+          "preference": (("chosen", "rejected"), ("prompt", "messages")),
+          "rule_labels": (("messages", "reply", "rule", "violated"), ())}  # read by data/rule_labels.py
+_NOUN = {"messages": "dialogue", "prompt_response": "prompt/response pair", "preference": "preference pair",
+         "rule_labels": "rule label"}
 _HF_BUILDERS = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
 _JSONL = ".jsonl"
 

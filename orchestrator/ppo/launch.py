@@ -211,7 +211,8 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     reward = reward_cls.remote(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
                                clip=cfg.reward.clip, dtype=cfg.model.dtype,
-                               forbidden_phrases=list(cfg.reward.forbidden_phrases), evidence=evidence_spec(cfg))
+                               forbidden_phrases=list(cfg.reward.forbidden_phrases), evidence=evidence_spec(cfg),
+                               rule_model_path=cfg.model.rule_reward, rule_weights=dict(cfg.rule_rm.weights))
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
     actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")

@@ -38,7 +38,7 @@ from rlhf.orchestrator.data.labelers import build_judge, build_labeler
 from rlhf.orchestrator.data.prompts import build_prompts, load_eval_prompts, load_prompts
 from rlhf.orchestrator.data.sources import load_preferences
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.evidence.prepare import check_evidence_source, prepare_evidence
+from rlhf.orchestrator.evidence.prepare import check_evidence_source, evidence_spec, prepare_evidence, tool_spec
 from rlhf.orchestrator.ppo.judging import HeldOutJudge, JudgePlan
 from rlhf.orchestrator.ppo.launch import (check_all_lora_targets, resolve_policy, run_ppo, sampling_rollout,
                                           start_ray)
@@ -131,17 +131,38 @@ class Inputs:
     prompts: list[list[dict]]        # conversations ending with a user turn (comparisons and PPO)
     eval_prompts: list[list[dict]]   # held out
     preferences: list                # PreferencePair (data.comparisons), stored as round 0
+    rules: dict = field(default_factory=dict)        # rule_rm.enabled: rule name -> text the rule RM learns
+    rule_labels: list = field(default_factory=list)  # RuleExample (data.rule_labels files)
 
 
 def load_inputs(cfg: ExperimentConfig) -> Inputs:
     task = load_task(cfg.data.task)
+    rules, rule_labels = _rule_inputs(cfg, task)
     inputs = Inputs(task=task, labeler=build_labeler(cfg.labeler, task), judge=build_judge(cfg, task),
                     sft=load_sft_dialogues(cfg, task, cfg.seed), prompts=load_prompts(cfg, task),
                     eval_prompts=load_eval_prompts(cfg, task, cfg.pipeline.eval_prompts),
-                    preferences=load_preferences(cfg.data.comparisons, "data.comparisons"))
+                    preferences=load_preferences(cfg.data.comparisons, "data.comparisons"),
+                    rules=rules, rule_labels=rule_labels)
     _probe(cfg, inputs)
     check_evidence_source(cfg, task)
     return inputs
+
+
+def _rule_inputs(cfg: ExperimentConfig, task) -> tuple[dict, list]:
+    """rule_rm.enabled: the rules (label.rules, else the task's) and the data.rule_labels examples,
+    checked before anything is written."""
+    if not cfg.rule_rm.enabled:
+        return {}, []
+    from rlhf.orchestrator.data.rule_labels import load_rule_labels
+    from rlhf.orchestrator.recipe.rule_rm import task_rules
+
+    rules = task_rules(cfg, task)
+    if not rules:
+        raise BadInput("rule_rm.enabled: no rules to learn; set label.rules or use a task with rules (evidence, rules)")
+    unknown = sorted(set(cfg.rule_rm.weights) - set(rules))
+    if unknown:
+        raise BadInput(f"rule_rm.weights: unknown rules {unknown}; the rules are {', '.join(sorted(rules))}")
+    return rules, load_rule_labels(cfg.data.rule_labels, "data.rule_labels", rules)
 
 
 def judge_plan_for(cfg: ExperimentConfig, inputs: Inputs, tokenizer) -> JudgePlan:
@@ -246,15 +267,20 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy,
                            comparisons=len(comparisons))
             rm_stage = state.stages.get(f"round{r}/rm", {"checkpoint": None, "accuracy": None})
+            if cfg.rule_rm.enabled and cfg.pipeline.method == "ppo" and not state.done(f"round{r}/rule_rm"):
+                state.mark(f"round{r}/rule_rm", **rule_rm_round(cfg, inputs, out, sft, rd, max_steps))
+            rule_model = state.stages.get(f"round{r}/rule_rm", {}).get("checkpoint")
             stage = f"round{r}/{cfg.pipeline.method}"
             if not state.done(stage):
                 state.mark(stage, **improve_policy(cfg, r, rd, policy, sft, rm_stage["checkpoint"], comparisons,
-                                                    inputs.prompts, judge_plan, resume, max_steps))
+                                                    inputs.prompts, judge_plan, resume, max_steps, rule_model))
             trained = state.stages[stage]
             if not state.done(f"round{r}/eval"):
                 ev = evaluate_policies(trained["checkpoint"], sft, inputs.eval_prompts, inputs.judge,
                                        n_samples=cfg.pipeline.eval_samples, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       temperature=cfg.rollout.temperature, seed=cfg.seed, start_dir=base)
+                                       temperature=cfg.rollout.temperature, seed=cfg.seed, start_dir=base,
+                                       detail=True, tools=tool_spec(cfg))
+                ev.update(evidence_rates(cfg, inputs, ev.pop("detail")))
                 ev.update(rm_pairwise_accuracy=rm_stage["accuracy"], method=cfg.pipeline.method,
                           **{k: v for k, v in trained.items() if k not in ("checkpoint", "metrics")})
                 samples = ev.pop("samples")  # start/SFT/final replies: report.md and eval.json, not the state
@@ -283,16 +309,61 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
           f"distinct-2 of replies start/SFT/final {distinct}; "
           f"chosen policy: {chosen} (judge {best['score']:.2f}), peak memory {summary['peak_rss_gib']:.1f} GiB; "
           f"report in {out / f'round{cfg.pipeline.rounds}'}")
+    if "evidence/supported_and_plausible_rate/final" in last:
+        print(evidence_line(last))
     return summary
 
 
+def evidence_line(ev: dict) -> str:
+    """The held-out Sparrow figures of a round's evaluation, SFT -> final, beside Sparrow's own."""
+    def pair(key: str) -> str:
+        return f"SFT {_pct(ev.get(f'{key}/sft'))} -> final {_pct(ev.get(f'{key}/final'))}"
+    return (f"evidence (held-out): supported and plausible {pair('evidence/supported_and_plausible_rate')} "
+            f"(Sparrow: 78%); rule violations on rule probes {pair('rules/violation_rate')} (Sparrow: 8%); "
+            f"searched on factual questions {pair('evidence/search_rate/factual')}, on direct ones "
+            f"{pair('evidence/search_rate/direct')}")
+
+
+def evidence_rates(cfg: ExperimentConfig, inputs: Inputs, detail: dict) -> dict:
+    """With the search tool and a task that sorts its prompts (the evidence task): Sparrow's held-out
+    rates of each evaluated policy, from the evaluation's own replies (orchestrator/evidence/evaluate.py):
+    evidence/supported_and_plausible_rate/<policy>, rules/violation_rate/<policy>, and the search rates."""
+    if not cfg.rollout.tools or not callable(getattr(inputs.task, "prompt_kind", None)):
+        return {}
+    from rlhf.orchestrator.evidence.evaluate import summarize
+    from rlhf.orchestrator.tasks.rewards import evidence_checker
+
+    checker, n, out = evidence_checker(evidence_spec(cfg)), cfg.pipeline.eval_samples, {}
+    for policy, replies in detail["replies"].items():
+        pairs = [(m, r) for i, m in enumerate(inputs.eval_prompts) for r in replies[i * n:(i + 1) * n]]
+        report = summarize(pairs, inputs.task, checker, examples=0)
+        out.update({f"{key}/{policy}": value for key, value in report.items() if isinstance(value, float)})
+    return out
+
+
+def rule_rm_round(cfg: ExperimentConfig, inputs: Inputs, out: Path, sft: str, rd: Path, max_steps: int | None) -> dict:
+    """Round r's rule reward model, from the SFT model, on every rule label so far: the task's simulated
+    ones (labeler.kind task) on every stored reply, people's per-reply checkboxes, data.rule_labels."""
+    from rlhf.orchestrator.recipe.rule_rm import run_rule_rm, store_examples
+
+    simulated, people = store_examples(out / "comparisons.sqlite", inputs.task, inputs.rules)
+    examples = (simulated if cfg.labeler.kind == "task" else []) + people + inputs.rule_labels
+    result = run_rule_rm(cfg, sft, examples, inputs.rules, rd / "rule_rm", max_steps=max_steps)
+    print(f"rule rm: {len(examples)} labels ({len(people)} from people), held-out accuracy "
+          f"{_pct(result.heldout_accuracy)} (majority guess {_pct(result.heldout_majority)}), "
+          f"violations {result.violation_rate:.0%}")
+    return {"checkpoint": result.checkpoint, "accuracy": result.heldout_accuracy, "majority": result.heldout_majority,
+            "violation_rate": result.violation_rate, "examples": len(examples)}
+
+
 def improve_policy(cfg: ExperimentConfig, r: int, rd: Path, policy: str, sft: str, rm: str | None, comparisons,
-                    prompts, judge_plan: JudgePlan, resume: bool, max_steps: int | None) -> dict:
+                    prompts, judge_plan: JudgePlan, resume: bool, max_steps: int | None,
+                    rule_model: str | None = None) -> dict:
     """Round r's training of `policy` by pipeline.method; returns what the state records: the
     new policy folder, the step handed on, whether it stopped early, its metrics file."""
     method = cfg.pipeline.method
     if method == "ppo":  # resume: a PPO stage cut short continues from its own latest checkpoint
-        result = run_ppo(ppo_stage_config(cfg, policy, rm), rd / "ppo", max_steps=max_steps, reference=sft,
+        result = run_ppo(ppo_stage_config(cfg, policy, rm, rule_model), rd / "ppo", max_steps=max_steps, reference=sft,
                          resume=resume, judge=judge_plan)
         return {"checkpoint": result["policy_dir"], "selected_step": result["selected_step"],
                 "stopped_early": result["stopped_early"], "metrics": str(rd / "ppo" / "metrics.jsonl")}

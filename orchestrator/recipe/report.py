@@ -168,7 +168,7 @@ def _line(ax, xs: list, ys: list, title: str, xlabel: str, annotate: list | None
 def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[list[dict]], judge,
                       n_samples: int = 1, max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
                       batch_size: int = 32, start_dir: str | Path | None = None, n_examples: int = 3,
-                      detail: bool = False) -> dict:
+                      detail: bool = False, tools: dict | None = None) -> dict:
     """Judge scores of the final, SFT and (with `start_dir`) starting policies on `prompts`.
 
     Each policy samples `n_samples` replies per prompt (same seed for all, so two identical
@@ -182,6 +182,8 @@ def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[
       detail (only with detail=True): {"prompt_scores": {policy: [per prompt]}, "replies":
           {policy: [n_samples per prompt, in prompt order]}}
     `judge` has `score(messages, reply) -> float`. `temperature` 0 means greedy decoding.
+    `tools` (launch.tool_spec(cfg)): replies are sampled through the tool loop (rollout.tools, e.g.
+    search), as in the rollouts, and the KL counts only the policy's own tokens, not inserted ones.
     """
     if not prompts:
         raise ValueError("evaluate_policies needs at least one prompt")
@@ -190,13 +192,19 @@ def evaluate_policies(final_dir: str | Path, sft_dir: str | Path, prompts: list[
     replies, scores, logp = {}, {}, {}
     for name, folder in folders.items():  # final first: the SFT model then scores its replies
         model, tokenizer = _load_policy(folder)
-        prompt_ids, reply_ids, replies[name] = _sample(model, tokenizer, prompts, n_samples, max_new_tokens,
-                                                       temperature, seed, batch_size)
+        if tools:
+            prompt_ids, reply_ids, replies[name], masks = _sample_with_tools(folder, prompts, n_samples,
+                                                                             max_new_tokens, temperature, seed, tools)
+        else:
+            prompt_ids, reply_ids, replies[name] = _sample(model, tokenizer, prompts, n_samples, max_new_tokens,
+                                                           temperature, seed, batch_size)
+            masks = None
         scores[name] = _prompt_means(judge, prompts, replies[name], n_samples)
         if name == "final":
-            final_ids = (prompt_ids, reply_ids)
+            final_ids, final_masks = (prompt_ids, reply_ids), masks
         if name in ("final", "sft"):
-            logp[name] = sequence_logprobs(model, *final_ids, scale, pad_id=tokenizer.pad_token_id or 0)
+            logp[name] = sequence_logprobs(model, *final_ids, scale, pad_id=tokenizer.pad_token_id or 0,
+                                           masks=final_masks)
         del model
     out = {f"labeler_score/{name}": sum(v) / len(v) for name, v in scores.items()}
     out["win_rate_vs_sft"] = win_rate(scores["final"], scores["sft"])
@@ -307,9 +315,11 @@ def _sample(model, tokenizer, prompts: list[list[dict]], n_samples: int, max_new
 
 @torch.no_grad()
 def sequence_logprobs(model, prompt_ids: list[list[int]], reply_ids: list[list[int]], temperature: float = 1.0,
-                      pad_id: int = 0, batch_size: int = 8) -> list[float]:
+                      pad_id: int = 0, batch_size: int = 8, masks: list[list[int]] | None = None) -> list[float]:
     """Per sequence, sum_t log softmax(logits / temperature)[reply token t] given the prompt and
-    the reply's earlier tokens (teacher-forced, right-padded) -> [N] floats; 0.0 for an empty reply."""
+    the reply's earlier tokens (teacher-forced, right-padded) -> [N] floats; 0.0 for an empty reply.
+    `masks`: per reply one 0/1 per token (Samples.response_mask); only the 1s count (the policy's
+    tokens, not those a tool inserted). An empty mask counts every token."""
     from rlhf.orchestrator.models.scoring import pad_right
 
     out = []
@@ -320,5 +330,27 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], reply_ids: list[list[i
         token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
         for k, (p, r) in enumerate(zip(prompt_ids[start:start + batch_size], reply_ids[start:start + batch_size])):
             # Token j of the sequence is predicted at position j - 1.
-            out.append(float(token_logp[k, len(p) - 1: len(p) - 1 + len(r)].sum()))
+            row = token_logp[k, len(p) - 1: len(p) - 1 + len(r)]
+            mask = masks[start + k] if masks is not None else None
+            if mask:
+                row = row * torch.tensor(mask, dtype=row.dtype, device=row.device)
+            out.append(float(row.sum()))
     return out
+
+
+def _sample_with_tools(folder: str | Path, prompts: list[list[dict]], n_samples: int, max_new_tokens: int,
+                       temperature: float, seed: int, tools: dict):
+    """`_sample` through the tool loop: an in-process HF engine with `tools`; returns (prompt ids,
+    reply ids with inserted tokens, reply texts, response masks), each [P * n_samples]."""
+    from rlhf.actors.rollout_hf import HFRolloutEngine
+
+    longest = max_new_tokens + tools["token_budget"] + 1024  # prompts are checked against max_model_len
+    engine = HFRolloutEngine(str(folder), dtype="float32", max_model_len=longest, tools=tools)
+    tok = engine.tokenizer
+    ids = [list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+           for p in prompts]
+    out = engine.generate(ids, list(range(len(ids))), n=n_samples, temperature=temperature if temperature > 0 else 1e-4,
+                          max_new_tokens=max_new_tokens, seed=seed)
+    texts = [r.strip() for r in tok.batch_decode(out.response_ids, skip_special_tokens=True)]
+    masks = out.response_mask or [[] for _ in out.response_ids]
+    return out.prompt_ids, out.response_ids, texts, masks

@@ -75,8 +75,6 @@ def run_rm(cfg: ExperimentConfig, init_model_path: str, comparisons: list[Compar
     data), used for the score shift. Returns accuracies, the offset and the folder.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -89,22 +87,34 @@ def run_rm(cfg: ExperimentConfig, init_model_path: str, comparisons: list[Compar
         data_ref=ray.put(data), zero_stage=cfg.rm.zero_stage, lr=cfg.rm.lr, prompts_per_batch=cfg.rm.prompts_per_batch,
         epochs=cfg.rm.epochs, max_steps=max_steps, seed=cfg.seed, dtype=cfg.model.dtype,
         backend="nccl" if use_gpu else "gloo", lora=lora)
+    final, summary = fit_to_folder(_train_worker, args, cfg.rm.num_workers, use_gpu, out, "reward-model", EVAL_FILE)
+    return RMResult(checkpoint=str(final), **summary)
+
+
+def fit_to_folder(train_fn, args, num_workers: int, use_gpu: bool, out: Path, role: str,
+                  eval_file: str) -> tuple[Path, dict]:
+    """Runs `train_fn({"args": args})` on `num_workers` Ray Train workers (storage under
+    out/ray_train) and installs rank 0's reported checkpoint as out/checkpoint; returns it
+    and the summary rank 0 wrote to `eval_file` in it. Any worker failure is one line."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
-        _train_worker, train_loop_config={"args": args},
-        scaling_config=ScalingConfig(num_workers=cfg.rm.num_workers, use_gpu=use_gpu),
+        train_fn, train_loop_config={"args": args},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend=args.backend),
-        run_config=RunConfig(name=f"rm-{uuid.uuid4().hex[:8]}", storage_path=str(out / "ray_train")))
+        run_config=RunConfig(name=f"{role.replace(' ', '-')}-{uuid.uuid4().hex[:8]}",
+                             storage_path=str(out / "ray_train")))
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - every worker/controller failure becomes one line (exit 1)
-        raise worker_failure(err, role="reward-model") from err
+        raise worker_failure(err, role=role) from err
     if result.checkpoint is None:
-        raise RemoteCallFailed("reward-model worker (rank 0) finished training without a checkpoint")
+        raise RemoteCallFailed(f"{role} worker (rank 0) finished training without a checkpoint")
     final = out / "checkpoint"
     with result.checkpoint.as_directory() as src:
         _install_folder(Path(src), final)
-    summary = json.loads((final / EVAL_FILE).read_text())
-    return RMResult(checkpoint=str(final), **summary)
+    return final, json.loads((final / eval_file).read_text())
 
 
 def build_rm_data(cfg: ExperimentConfig, comparisons: list[Comparison], demonstrations: dict[str, str] | None,

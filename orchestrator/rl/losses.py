@@ -204,6 +204,23 @@ def pairwise_rm_loss(
     return loss, accuracy
 
 
+def rule_violation_loss(scores: Tensor, violated: Tensor) -> tuple[Tensor, Tensor]:
+    """Sparrow's rule reward model (Glaese et al. 2022, sec. 2.5): binary cross-entropy on
+    P(violation | dialogue, rule) = sigmoid(score).
+
+    scores:   [B] raw head output for (rule, dialogue, reply) examples.
+    violated: [B] 0/1 label, 1 = the reply breaks the rule.
+    Returns loss [], accuracy [].
+    loss = -mean_b [ v_b log sigmoid(s_b) + (1 - v_b) log sigmoid(-s_b) ]
+    accuracy = mean_b [ (s_b > 0) == v_b ]
+    """
+    v = violated.to(scores.dtype)
+    loss = -(v * F.logsigmoid(scores) + (1 - v) * F.logsigmoid(-scores)).mean()
+    with torch.no_grad():
+        accuracy = ((scores > 0) == violated.bool()).to(scores.dtype).mean()
+    return loss, accuracy
+
+
 
 def behavior_importance_weights(proximal_logp: Tensor, behavior_logp: Tensor, mask: Tensor,
                                 cap: float = 2.0) -> Tensor:
