@@ -12,7 +12,9 @@
     rlhf plan CONFIG [overrides] [--cluster FILE] [--node-type NAME]   placement + GPU memory, exit 2 if it does not fit
     rlhf compare CONFIG [overrides] [--methods ppo,dpo,best_of_n] [--out DIR] [--resume]   methods side by side
     rlhf eval CONFIG A B [overrides] [--prompts FILE] [--samples N] [--out FILE.json]   win rate of A over B
+              [--rerank N [--reward-model DIR] [--rule-model DIR] [--corpus JSONL]]   Sparrow@N of A beside A, B
     rlhf chat CHECKPOINT [--once TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
+              [--rerank N [--reward-model DIR] [--rule-model DIR] [--corpus JSONL]]   Sparrow@N
     rlhf model import SOURCE --out DIR [--force]      GGUF file (or folder holding one) -> checked HF folder
     rlhf model list                                  known model names (e.g. smollm2-135m-instruct), what is cached
     rlhf label serve RUN_DIR [--host H] [--port P] [--policy CHECKPOINT]   labeling web app (people rank, chat, write)
@@ -124,6 +126,14 @@ def _cmd_rm(args) -> int:
     return EXIT_OK
 
 
+def _cmd_rule_rm(args) -> int:
+    cfg = _load(args)
+    from rlhf.orchestrator.recipe.rule_rm import run_rule_rm_stage
+
+    run_rule_rm_stage(cfg, out_dir=args.out or f"runs/{cfg.name}", address=args.address, max_steps=args.max_steps)
+    return EXIT_OK
+
+
 def _cmd_dpo(args) -> int:
     cfg = _load(args)
     from rlhf.orchestrator.recipe.dpo import run_dpo_stage
@@ -146,6 +156,14 @@ def _cmd_compare(args) -> int:
 
 def _cmd_eval(args) -> int:
     cfg = _load(args)
+    if args.rerank is not None:
+        from rlhf.orchestrator.recipe.sparrow_eval import format_rerank_result, run_rerank_eval
+
+        result = run_rerank_eval(cfg, args.a, args.b, args.rerank, prompts_file=args.prompts, samples=args.samples,
+                                 out=args.out, reward_model=args.reward_model, rule_model=args.rule_model,
+                                 corpus=args.corpus)
+        print(format_rerank_result(result))
+        return EXIT_OK
     from rlhf.orchestrator.recipe.evaluate import format_result, run_eval
 
     result = run_eval(cfg, args.a, args.b, prompts_file=args.prompts, samples=args.samples, out=args.out)
@@ -165,6 +183,7 @@ def _add_eval(sub) -> None:
     cmd.add_argument("--samples", type=_positive_int, default=None,
                      help="replies per prompt and model (default: pipeline.eval_samples)")
     cmd.add_argument("--out", default=None, metavar="FILE.json", help="also write the result as JSON")
+    _add_rerank_flags(cmd)  # A@N beside A's plain samples, and A@N over B
     cmd.set_defaults(func=_cmd_eval)
 
 
@@ -185,6 +204,13 @@ def _add_run_command(sub, name: str, help: str, func, resume: bool = False) -> N
 
 
 def _cmd_chat(args) -> int:
+    if args.rerank is not None:
+        from rlhf.orchestrator.recipe.sparrow import run_sparrow_chat
+
+        run_sparrow_chat(args.checkpoint, args.rerank, reward_model=args.reward_model, rule_model=args.rule_model,
+                         corpus=args.corpus, once=args.once, system=args.system,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+        return EXIT_OK
     from rlhf.orchestrator.models.chat import run_chat
 
     run_chat(args.checkpoint, once=args.once, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -201,7 +227,22 @@ def _add_chat(sub) -> None:
     chat.add_argument("--max-new-tokens", type=_positive_int, default=128, help="longest reply in tokens")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _add_rerank_flags(chat)
     chat.set_defaults(func=_cmd_chat)
+
+
+def _add_rerank_flags(cmd) -> None:
+    """Sparrow@N (orchestrator/recipe/sparrow.py); defaults from the run folder above the checkpoint."""
+    cmd.add_argument("--rerank", type=_positive_int, default=None, metavar="N",
+                     help="Sparrow@N: sample N replies (half with search, half without), keep the one the "
+                          "preference RM x rule no-violation ranks best")
+    cmd.add_argument("--reward-model", default=None, metavar="DIR",
+                     help="preference RM for --rerank (default: model.reward, else the run's newest roundN/rm)")
+    cmd.add_argument("--rule-model", default=None, metavar="DIR",
+                     help="rule RM for --rerank (default: model.rule_reward, else the run's newest roundN/rule_rm)")
+    cmd.add_argument("--corpus", default=None, metavar="JSONL",
+                     help="corpus the search half searches (default: evidence.corpus, else the run's "
+                          "evidence/corpus.jsonl; none: no candidate searches)")
 
 
 def _positive_int(text: str) -> int:
@@ -229,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_command(sub, "sft", "supervised fine-tuning on demonstrations (Ray Train + DeepSpeed)", _cmd_sft)
     _add_run_command(sub, "rm", "reward model on preference pairs (data.comparisons) and OUT/comparisons.sqlite",
                      _cmd_rm)
+    _add_run_command(sub, "rule-rm", "rule-conditional reward model (P(violation | dialogue, rule)) on "
+                     "data.rule_labels and OUT/comparisons.sqlite's replies and rule checkboxes", _cmd_rule_rm)
     _add_run_command(sub, "dpo", "DPO/IPO/cDPO/SimPO/KTO on OUT/comparisons.sqlite and data.comparisons "
                                  "(Ray Train + DeepSpeed)", _cmd_dpo)
     _add_run_command(sub, "pipeline", "SFT, then rounds of comparisons -> reward model -> PPO",
@@ -251,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.orchestrator.label.cli import register as register_label
 
     register_label(sub)  # label serve|add-labeler|list|revoke|stats|export
+    from rlhf.orchestrator.evidence.cli import register as register_evidence
+
+    register_evidence(sub)  # evidence index|search
     return parser
 
 

@@ -17,7 +17,8 @@ Who may do what:
   renders replies as text only.
 
 The API is the one contract the page and scripts share (tests/integration/test_label_api.py):
-GET /api/queue?limit=N, GET /api/comparisons/{id}, POST /api/comparisons/{id}/ranking,
+GET /api/queue?limit=N, GET /api/comparisons/{id} (each reply: idx, text, evidence), POST
+/api/comparisons/{id}/ranking (ranks, violations per reply idx, evidence judgements per reply idx, ...),
 GET /api/stats, GET /api/config, POST /api/chat, POST /api/alternatives, POST /api/demonstrations.
 """
 from __future__ import annotations
@@ -222,10 +223,11 @@ def create_app(run_dir: str | Path, policy: str | Policy | None = None, config=N
     @app.post("/api/comparisons/{cid}/ranking")
     async def rank(request: Request, cid: int):
         labeler, data = who(request, post=True), await body(request)
-        _check_fields(data, {"ranks": list, "better_reply": str, "violations": list, "note": str,
-                             "unacceptable": bool}, required=("ranks",))
+        _check_fields(data, {"ranks": list, "better_reply": str, "violations": (dict, list), "note": str,
+                             "unacceptable": bool, "evidence": dict}, required=("ranks",))
         ranking = await run_in_threadpool(db.submit, labeler, cid, data["ranks"], data.get("better_reply"),
-                                          data.get("violations"), data.get("note"), bool(data.get("unacceptable")))
+                                          data.get("violations"), data.get("note"), bool(data.get("unacceptable")),
+                                          data.get("evidence"))
         return {"ok": True, "ranking_id": ranking}
 
     @app.get("/api/stats")
@@ -281,7 +283,8 @@ def _check_fields(data: dict, types: dict[str, type], required: tuple[str, ...])
         if key not in types:
             raise Refused(400, f"{key}: unknown field (known: {', '.join(types)})")
         if value is not None and not isinstance(value, types[key]):
-            raise Refused(400, f"{key}: must be {types[key].__name__}, got {type(value).__name__}")
+            want = " or ".join(t.__name__ for t in types[key]) if isinstance(types[key], tuple) else types[key].__name__
+            raise Refused(400, f"{key}: must be {want}, got {type(value).__name__}")
 
 
 def run_config(run: Path):

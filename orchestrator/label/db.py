@@ -2,9 +2,17 @@
 
 The tables live in the same SQLite file as the comparisons (schema: recipe/comparisons.py):
 `labelers` (name, sha256 of the token), `rankings` (one row per labeler and comparison:
-ranks per reply idx, display order, seconds, violations, note), `leases` (who holds a
-handed-out comparison until when) and `demonstrations` (conversations people wrote, with
-where their assistant turns came from).
+ranks per reply idx, display order, seconds, violations, note), `evidence_judgements` (per
+ranking and reply: supported?, plausible?), `leases` (who holds a handed-out comparison until
+when) and `demonstrations` (conversations people wrote, with where their assistant turns
+came from).
+
+Rule violations are ticked per reply and stored as JSON {"<reply idx>": [rule names]}, which
+is what the rule reward model learns from (a reply idx absent: no rule broken). The older form,
+one list for the whole comparison, is still accepted and stored as a list (it does not say
+which reply broke the rule). Each reply handed out carries `evidence`: its search, passages,
+answer and citation as orchestrator/evidence/format.py parses them (None when it did not
+search), so the page shows the evidence as a card beside the answer.
 
 The queue, for labeler L:
 - a comparison is pending for L when L has not ranked it and either nobody has ranked it
@@ -35,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rlhf.orchestrator.errors import BadInput
+from rlhf.orchestrator.evidence.format import parse
 from rlhf.orchestrator.label.agreement import kendall_tau_b, pairwise_agreement
 from rlhf.orchestrator.recipe.comparisons import ComparisonStore
 
@@ -156,7 +165,8 @@ class LabelDB:
     def _item(self, db, cid: int, order: list[int]) -> dict:
         messages = json.loads(db.execute("SELECT prompt_messages FROM comparisons WHERE id = ?", (cid,)).fetchone()[0])
         texts = dict(db.execute("SELECT idx, text FROM replies WHERE comparison_id = ?", (cid,)).fetchall())
-        return {"id": cid, "prompt_messages": messages, "replies": [{"idx": i, "text": texts[i]} for i in order]}
+        return {"id": cid, "prompt_messages": messages,
+                "replies": [{"idx": i, "text": texts[i], "evidence": evidence_view(texts[i])} for i in order]}
 
     def _lease(self, db, labeler: str, cid: int, now: float) -> list[int]:
         """Leases `cid` to `labeler` (keeping the display order of a lease they still hold)."""
@@ -208,16 +218,16 @@ class LabelDB:
     # ------------------------------------------------------------------ submissions
 
     def submit(self, labeler: str, cid: int, ranks, better_reply: str | None = None, violations=None,
-               note: str | None = None, unacceptable: bool = False) -> int:
+               note: str | None = None, unacceptable: bool = False, evidence=None) -> int:
         """Stores `labeler`'s ranking of `cid` (ranks[idx], 0 = best); returns the ranking's id.
-        The first ranking also fills replies.rank; a better reply becomes a demonstration."""
-        violations = list(violations or [])
-        unknown = sorted(set(violations) - set(self.rules))
-        if unknown:
-            raise Refused(400, f"violations: unknown rules {unknown}; known: {sorted(self.rules)}")
+        `violations`: {"<idx>": [rule names]} (or the older plain list); `evidence`:
+        {"<idx>": {"supported": bool | None, "plausible": bool}}. The first ranking also fills
+        replies.rank; a better reply becomes a demonstration."""
         now = time.time()
         with self._tx(write=True) as db:
             k = self._check_open(db, labeler, cid, now)
+            violations = self._check_violations(violations, k)
+            judgements = _check_judgements(evidence, k)
             if not isinstance(ranks, list) or len(ranks) != k:
                 raise Refused(400, f"ranks: comparison {cid} has {k} replies, give {k} ranks (one per idx), "
                                    f"got {len(ranks) if isinstance(ranks, list) else type(ranks).__name__}")
@@ -234,6 +244,8 @@ class LabelDB:
                      json.dumps(violations), note or None, _now_iso()))
             except sqlite3.IntegrityError:
                 raise Refused(409, f"comparison {cid} is already ranked by {labeler}") from None
+            db.executemany("INSERT INTO evidence_judgements (ranking_id, idx, supported, plausible) VALUES (?, ?, ?, ?)",
+                           [(cur.lastrowid, i, s, p) for i, s, p in judgements])
             db.executemany("UPDATE replies SET rank = ? WHERE comparison_id = ? AND idx = ? AND rank IS NULL",
                            [(r, cid, i) for i, r in enumerate(ranks)])
             db.execute("DELETE FROM leases WHERE comparison_id = ?", (cid,))
@@ -243,6 +255,43 @@ class LabelDB:
                 self._insert_demo(db, labeler, prompt + [{"role": "assistant", "content": better_reply.strip()}],
                                   {"source": "better_reply", "comparison_id": cid}, cid)
             return int(cur.lastrowid)
+
+    def _check_violations(self, violations, k: int) -> list[str] | dict[str, list[str]]:
+        """The `violations` of a submission, checked: a list of known rule names, or a dict
+        from reply idx ("0".."k-1") to such lists (empty lists dropped, names sorted)."""
+        if violations is None:  # not judged: stored as the old empty list, which says nothing per reply
+            return []
+        if isinstance(violations, list):
+            self._check_rules(violations, "violations")
+            return list(violations)
+        if not isinstance(violations, dict):
+            raise Refused(400, f"violations: must be {{\"<reply idx>\": [rule names]}} or a list, "
+                               f"got {type(violations).__name__}")
+        out = {}
+        for key, names in violations.items():
+            _reply_idx(key, k, "violations")
+            if not isinstance(names, list):
+                raise Refused(400, f"violations[{key}]: must be a list of rule names, got {type(names).__name__}")
+            self._check_rules(names, f"violations[{key}]")
+            if names:
+                out[str(int(key))] = sorted(set(names))
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+    def _check_rules(self, names: list, key: str) -> None:
+        if any(not isinstance(n, str) for n in names):
+            raise Refused(400, f"{key}: rule names must be strings")
+        unknown = sorted(set(names) - set(self.rules))
+        if unknown:
+            raise Refused(400, f"{key}: unknown rules {unknown}; known: {sorted(self.rules)}")
+
+    def evidence_judgements(self) -> list[dict]:
+        """Every stored supported?/plausible? judgement, oldest ranking first."""
+        with self._tx() as db:
+            rows = db.execute("SELECT k.comparison_id, k.labeler, e.idx, e.supported, e.plausible "
+                              "FROM evidence_judgements e JOIN rankings k ON k.id = e.ranking_id "
+                              "ORDER BY k.id, e.idx").fetchall()
+        return [{"comparison_id": c, "labeler": lab, "idx": i, "supported": None if s is None else bool(s),
+                 "plausible": bool(p)} for c, lab, i, s, p in rows]
 
     def add_comparison(self, messages: list[dict], replies: list[str], reply_ids: list[list[int]],
                        policy: str) -> int:
@@ -322,6 +371,44 @@ class LabelDB:
         return {"labelers": people, "totals": {"comparisons": total, "ranked": total - pending, "pending": pending,
                                                "rankings": len(rows), "demonstrations": demos,
                                                "labelers": len(names)}}
+
+
+def evidence_view(text: str) -> dict | None:
+    """What the page shows of a reply that searched (None when it did not): its queries, the
+    passages the search inserted, the answer and citation, and whether the quote is verbatim in
+    a passage of the cited title (whitespace-normalised), so the card can highlight it."""
+    t = parse(text)
+    if not t.searched:
+        return None
+    passages = [{"title": p.title, "text": p.text} for p in t.retrieved]
+    found = bool(t.quote) and any(p["title"] == t.cited_title and t.quote in p["text"] for p in passages)
+    return {"queries": t.queries, "passages": passages, "answer": t.answer, "cited_title": t.cited_title,
+            "quote": t.quote, "quote_found": found}
+
+
+def _reply_idx(key, k: int, field: str) -> int:
+    if not isinstance(key, str) or not key.isdigit() or not 0 <= int(key) < k:
+        raise Refused(400, f"{field}: keys must be reply idx \"0\"..\"{k - 1}\", got {key!r}")
+    return int(key)
+
+
+def _check_judgements(evidence, k: int) -> list[tuple[int, int | None, int]]:
+    """{"<idx>": {"supported": bool | None, "plausible": bool}} -> rows (idx, supported, plausible)."""
+    if evidence is None:
+        return []
+    if not isinstance(evidence, dict):
+        raise Refused(400, f"evidence: must be {{\"<reply idx>\": {{supported, plausible}}}}, got "
+                           f"{type(evidence).__name__}")
+    rows = []
+    for key, judged in evidence.items():
+        idx = _reply_idx(key, k, "evidence")
+        if not isinstance(judged, dict) or set(judged) - {"supported", "plausible"} \
+                or not isinstance(judged.get("plausible"), bool) \
+                or not isinstance(judged.get("supported"), (bool, type(None))):
+            raise Refused(400, f"evidence[{key}]: must be {{\"supported\": true|false|null, \"plausible\": true|false}}")
+        supported = judged.get("supported")
+        rows.append((idx, None if supported is None else int(supported), int(judged["plausible"])))
+    return sorted(rows)
 
 
 def check_messages(messages, key: str, last: str) -> None:

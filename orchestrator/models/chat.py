@@ -11,6 +11,9 @@ CPU (or the first GPU if there is one); on a cluster, run it on any node that se
 
 Interactive commands: an empty line, /exit or end of input (Ctrl-D) quit; /reset starts a
 new conversation (the --system message is kept).
+
+`--rerank N` (Sparrow@N: N candidates with and without search, the preference and rule reward
+models' favourite shown with its evidence card) is orchestrator/recipe/sparrow.py, on this loop.
 """
 from __future__ import annotations
 
@@ -144,6 +147,12 @@ def run_chat(path: str | Path, once: str | None = None, system: str | None = Non
         raise BadInput(f"chat: --temperature must be >= 0, got {temperature}")
     session = ChatSession.load(path, system=system, max_new_tokens=max_new_tokens,
                                temperature=temperature, seed=seed)
+    chat_loop(session, str(path), once, stdin, stdout)
+
+
+def chat_loop(session, path: str, once: str | None, stdin: TextIO, stdout: TextIO) -> None:
+    """The terminal side of a session with `send(text) -> str` and `reset()` (ChatSession, or
+    Sparrow@N's SparrowChat in orchestrator/recipe/sparrow.py)."""
     if once is not None:
         print(session.send(once), file=stdout, flush=True)
         return

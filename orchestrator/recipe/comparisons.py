@@ -14,12 +14,13 @@ one prompt is one batch element (rlhf.orchestrator.rl.pairwise_rm_loss).
 - `collect_comparisons`: sample K replies per prompt with the rollout engines, rank them
   with a labeler (rlhf.orchestrator.data.labelers) or leave them unranked, store.
 
-Schema version 3: replies.rank is nullable (v2), and the labeling tables (v3) that
+Schema version 4: replies.rank is nullable (v2), the labeling tables (v3) that
 `rlhf label serve` fills (orchestrator/label/db.py): labelers, per-labeler rankings, leases,
-demonstrations. When people rank, each labeler's ranking of a comparison is one comparison
-for the reward model (`load` returns one per ranking), and the first ranking also fills
-replies.rank, so tools that read only that column see the comparison as ranked. A version-1
-or -2 file is upgraded on open, in one transaction. The file runs in WAL mode, so a labeling
+demonstrations, and (v4) evidence_judgements: a labeler's "supported?" / "plausible?" per
+reply. When people rank, each labeler's ranking of a comparison is one comparison for the
+reward model (`load` returns one per ranking), and the first ranking also fills
+replies.rank, so tools that read only that column see the comparison as ranked. A version-1,
+-2 or -3 file is upgraded on open, in one transaction. The file runs in WAL mode, so a labeling
 server and the pipeline can read and write it at once.
 
 Run on one CPU machine or a cluster alike (the store lives on the driver):
@@ -43,7 +44,7 @@ from rlhf.orchestrator.errors import BadInput
 
 __all__ = ["Comparison", "ComparisonStore", "collect_comparisons", "prompt_key"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,7 +77,7 @@ CREATE TABLE IF NOT EXISTS rankings (
     display_order TEXT    NOT NULL,     -- JSON list of reply idx in the order they were shown
     seconds       REAL,                 -- from handing out the item to the submission
     unacceptable  INTEGER NOT NULL DEFAULT 0,
-    violations    TEXT    NOT NULL DEFAULT '[]',  -- JSON list of rule names ticked
+    violations    TEXT    NOT NULL DEFAULT '[]',  -- JSON {"<reply idx>": [rule names]} (older: a list)
     note          TEXT,
     created       TEXT    NOT NULL,
     UNIQUE (comparison_id, labeler)
@@ -95,6 +96,13 @@ CREATE TABLE IF NOT EXISTS demonstrations (
     provenance    TEXT    NOT NULL,     -- JSON: {"source": "written"|"better_reply", "suggestions": [...], ...}
     comparison_id INTEGER,              -- the ranked comparison a better reply was written for
     created       TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evidence_judgements (
+    ranking_id INTEGER NOT NULL REFERENCES rankings(id) ON DELETE CASCADE,
+    idx        INTEGER NOT NULL,        -- the reply's idx
+    supported  INTEGER,                 -- 1/0: its quote backs the answer; NULL: it shows no evidence
+    plausible  INTEGER NOT NULL,        -- 1/0: on topic and correct
+    PRIMARY KEY (ranking_id, idx)
 );
 """
 # Version 1 had `rank INTEGER NOT NULL`; SQLite cannot drop a constraint, so the table is rebuilt.
@@ -150,7 +158,7 @@ class ComparisonStore:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA journal_mode = WAL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
                 raise BadInput(f"{self.path}: comparison store schema version {version}, "
                                f"this code reads versions 1 to {SCHEMA_VERSION}")
             if version == 1:

@@ -114,35 +114,47 @@ def _scores(name: str, model_dir: str, prompts, judge, samples: int, cfg: Experi
                           f"failed: {type(err).__name__}: {first}"[:500]) from err
 
 
-def run_eval(cfg: ExperimentConfig, a: str, b: str, prompts_file: str | None = None, samples: int | None = None,
-             out: str | None = None) -> dict:
-    """Scores A's and B's replies with the judge and returns win_rate_ci's dict plus what was
-    compared (paths, prompts, samples, judge, per-prompt scores); writes it as JSON to `out`."""
+def eval_inputs(cfg: ExperimentConfig, a: str, b: str, prompts_file: str | None, samples: int | None,
+                out: str | None) -> tuple[int, object, list[list[dict]], str, object]:
+    """Everything checked before a model loads: (samples, task, prompts, their source, judge)."""
     from rlhf.orchestrator.data.labelers import build_judge
-    from rlhf.orchestrator.run.rundir import write_atomic
     from rlhf.orchestrator.tasks import load_task
 
     _check_model_dir(a, "A")
     _check_model_dir(b, "B")
     _check_out(out)
-    samples = samples or cfg.pipeline.eval_samples
     task = load_task(cfg.data.task)
     prompts, source = _prompts(cfg, task, prompts_file)
     if not prompts:
         raise BadInput(f"{prompts_file or 'pipeline.eval_prompts'}: no prompts to evaluate on")
-    judge = build_judge(cfg, task)
+    return samples or cfg.pipeline.eval_samples, task, prompts, source, build_judge(cfg, task)
+
+
+def run_eval(cfg: ExperimentConfig, a: str, b: str, prompts_file: str | None = None, samples: int | None = None,
+             out: str | None = None) -> dict:
+    """Scores A's and B's replies with the judge and returns win_rate_ci's dict plus what was
+    compared (paths, prompts, samples, judge, per-prompt scores); writes it as JSON to `out`."""
+    samples, _, prompts, source, judge = eval_inputs(cfg, a, b, prompts_file, samples, out)
     # One seed for both: the only difference between the two reply sets is the model.
     scores = {name: _scores(name, model_dir, prompts, judge, samples, cfg) for name, model_dir in (("a", a), ("b", b))}
     result = {**win_rate_ci(scores["a"], scores["b"], seed=cfg.seed), "level": 0.95, "a": str(a), "b": str(b),
               "prompts": source, "samples": samples, "judge": judge_label(cfg),
               "mean_score_a": float(np.mean(scores["a"])), "mean_score_b": float(np.mean(scores["b"])),
               "scores_a": scores["a"], "scores_b": scores["b"]}
-    if out is not None:
-        try:
-            write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
-        except OSError as err:
-            raise BadInput(f"--out {out}: cannot be written ({err.strerror or type(err).__name__})") from None
+    write_result(out, result)
     return result
+
+
+def write_result(out: str | None, result: dict) -> None:
+    """The result as JSON in `out` (nothing when None); a failed write is one line naming --out."""
+    from rlhf.orchestrator.run.rundir import write_atomic
+
+    if out is None:
+        return
+    try:
+        write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        raise BadInput(f"--out {out}: cannot be written ({err.strerror or type(err).__name__})") from None
 
 
 def format_result(result: dict) -> str:

@@ -262,3 +262,63 @@ def test_uncertainty_order_puts_the_reward_models_closest_call_first(tmp_path, t
     db = LabelDB(tmp_path / "comparisons.sqlite", order="uncertainty", overlap=0.0)
     db.margins = margins
     assert [it["id"] for it in db.take("ann", 3)][0] == 2  # identical replies: the RM cannot tell them apart
+
+
+SEARCHED = ('Search Query: capital of Veltra\nSearch Result: Veltra | Veltra is a river nation. Its capital is Osk.\n'
+            'Osk is the capital. Source: Veltra "Its capital is Osk."')
+
+
+def test_evidence_card_fields_and_per_reply_judgements(tmp_path):
+    """A reply that searched is handed out with its parsed evidence (one that did not: None);
+    violations per reply idx and supported?/plausible? per reply are stored; bad keys are 400."""
+    rules = {"no_medical_advice": "No medical advice.", "no_human_claims": "Do not claim to be human."}
+    with ComparisonStore(tmp_path / "comparisons.sqlite") as store:
+        cid = store.add(1, "p", "pol", [{"role": "user", "content": "Capital of Veltra?"}],
+                        [SEARCHED, "It is Osk, I think.", "I am a human doctor: take two pills."], [[1], [2], [3]])
+    db = LabelDB(tmp_path / "comparisons.sqlite", rules=rules)
+    ann = db.add_labeler("ann")
+    client = TestClient(create_app(tmp_path, config=_cfg(rules=rules)).app)
+    [item] = client.get("/api/queue?limit=1", headers=_bearer(ann)).json()
+    by_idx = {r["idx"]: r for r in item["replies"]}
+    assert by_idx[0]["text"] == SEARCHED  # the contract's text stays the whole reply
+    assert by_idx[0]["evidence"] == {
+        "queries": ["capital of Veltra"], "passages": [{"title": "Veltra", "text": "Veltra is a river nation. Its capital is Osk."}],
+        "answer": "Osk is the capital.", "cited_title": "Veltra", "quote": "Its capital is Osk.", "quote_found": True}
+    assert by_idx[1]["evidence"] is None and by_idx[2]["evidence"] is None
+    url = f"/api/comparisons/{cid}/ranking"
+    for bad, where in [({"3": ["no_medical_advice"]}, "violations"), ({"x": []}, "violations"),
+                       ({"2": ["nope"]}, "violations[2]"), ({"2": "no_medical_advice"}, "violations[2]")]:
+        refused = client.post(url, json={"ranks": [0, 1, 2], "violations": bad}, headers=_bearer(ann))
+        assert refused.status_code == 400 and refused.json()["error"].startswith(where), refused.json()
+    for bad, where in [({"0": {"supported": True}}, "evidence[0]"), ({"0": {"plausible": "yes"}}, "evidence[0]"),
+                       ({"5": {"plausible": True}}, "evidence"), ({"0": {"plausible": True, "x": 1}}, "evidence[0]")]:
+        refused = client.post(url, json={"ranks": [0, 1, 2], "evidence": bad}, headers=_bearer(ann))
+        assert refused.status_code == 400 and refused.json()["error"].startswith(where), refused.json()
+    assert client.post(url, json={"ranks": [0, 1, 2], "evidence": []}, headers=_bearer(ann)).status_code == 400
+    ok = client.post(url, headers=_bearer(ann), json={
+        "ranks": [0, 1, 2], "violations": {"2": ["no_medical_advice", "no_human_claims"], "1": []},
+        "evidence": {"0": {"supported": True, "plausible": True}, "1": {"supported": None, "plausible": True},
+                     "2": {"supported": None, "plausible": False}}})
+    assert ok.status_code == 200, ok.json()
+    sql = sqlite3.connect(tmp_path / "comparisons.sqlite")
+    (violations,) = sql.execute("SELECT violations FROM rankings").fetchone()
+    assert json.loads(violations) == {"2": ["no_human_claims", "no_medical_advice"]}  # empty lists dropped
+    assert db.evidence_judgements() == [
+        {"comparison_id": cid, "labeler": "ann", "idx": 0, "supported": True, "plausible": True},
+        {"comparison_id": cid, "labeler": "ann", "idx": 1, "supported": None, "plausible": True},
+        {"comparison_id": cid, "labeler": "ann", "idx": 2, "supported": None, "plausible": False}]
+
+
+def test_a_version_3_store_is_upgraded_on_open(tmp_path):
+    """A store written before the evidence judgements (schema 3) gains the table on open and keeps its rankings."""
+    path = tmp_path / "comparisons.sqlite"
+    _store(tmp_path, 1)
+    LabelDB(path).submit("ann", 1, [0, 1, 2], violations=[])
+    sql = sqlite3.connect(path)
+    sql.executescript("DROP TABLE evidence_judgements; PRAGMA user_version = 3;")
+    sql.close()
+    db = LabelDB(path)
+    sql = sqlite3.connect(path)
+    assert sql.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert sql.execute("SELECT labeler, violations FROM rankings").fetchall() == [("ann", "[]")]
+    assert db.evidence_judgements() == []

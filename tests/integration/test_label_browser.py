@@ -348,3 +348,40 @@ def test_a_refused_submission_shows_the_error(tmp_path, page):
         page.locator("#queue-empty").wait_for()
     rows = _rows(srv.db, "SELECT ranks FROM rankings")
     assert rows == [("[0, 1, 2]",)]
+
+
+def test_evidence_card_and_per_reply_judgements(tmp_path, page):
+    """A reply that searched shows its answer as the reply and an evidence card beside it (the
+    query, the passage with the quote in a <mark>, the source); supported?, plausible? and a rule
+    box ticked on one card each are stored for that reply's idx."""
+    searched = ('Search Query: capital of Veltra\nSearch Result: Veltra | Veltra is a river nation. '
+                'Its capital is Osk.\nOsk is the capital. Source: Veltra "Its capital is Osk."')
+    (cid,) = _store(tmp_path, ["What is the capital of Veltra?"], [[searched, "I am a person and it is Osk."]])
+    (tmp_path / "config.yaml").write_text("data:\n  task: rules\n")
+    with _serve(tmp_path) as srv:
+        _login(page, srv, srv.lab.login_token)
+        _, order = _shown(page)
+        card = page.locator('#rank-root .card[data-idx="0"]')
+        plain = page.locator('#rank-root .card[data-idx="1"]')
+        assert card.locator(".reply-text").inner_text() == "Osk is the capital."
+        assert card.locator(".evidence .query-text").inner_text() == "capital of Veltra"
+        assert card.locator(".evidence .passage-title").inner_text() == "Veltra"
+        assert card.locator(".evidence .passage-text").inner_text() == "Veltra is a river nation. Its capital is Osk."
+        assert card.locator(".evidence mark").inner_text() == "Its capital is Osk."
+        assert card.locator(".evidence .source-title").inner_text() == "Veltra"
+        assert plain.locator(".evidence").count() == 0 and plain.locator('input[name="supported"]').count() == 0
+        assert plain.locator(".reply-text").inner_text() == "I am a person and it is Osk."
+        card.locator('input[name="supported"]').check()
+        card.locator('input[name="plausible"]').check()
+        plain.locator('input[name="violation"][value="no_human_claims"]').check()
+        page.locator("#rank-root").click(position={"x": 2, "y": 2})  # the keys go to the ranker again
+        for idx, rank in ((0, "1"), (1, "2")):                       # the searched reply ranks first
+            page.keyboard.press("ab"[order.index(idx)])
+            page.keyboard.press(rank)
+        page.keyboard.press("Enter")
+        page.locator("#queue-empty").wait_for()
+    [(ranks, violations)] = _rows(srv.db, "SELECT ranks, violations FROM rankings WHERE comparison_id = ?", (cid,))
+    assert json.loads(ranks) == [0, 1]
+    assert json.loads(violations) == {"1": ["no_human_claims"]}
+    assert _rows(srv.db, "SELECT idx, supported, plausible FROM evidence_judgements ORDER BY idx") == [
+        (0, 1, 1), (1, None, 0)]

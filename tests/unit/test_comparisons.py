@@ -194,7 +194,7 @@ def test_v1_file_is_migrated_and_keeps_its_comparisons(tmp_path):
         assert store.delete_round(2) == 1  # the cascade still holds on the rebuilt table
         assert store._db.execute("SELECT COUNT(*) FROM replies WHERE comparison_id = 7").fetchone()[0] == 0
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     db.close()
 
 

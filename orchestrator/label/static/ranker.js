@@ -9,6 +9,13 @@
 // One `Ranker` component ranks one comparison; the rank page and the chat page's Compare
 // both use it. Ranks are 1-based in the UI (1 = best, equal = tie) and sent 0-based,
 // indexed by each reply's `idx` (its sampling position), not by its display position.
+//
+// A reply that searched comes with `evidence` (the server parses it with
+// orchestrator/evidence/format.py): the card shows its answer as the reply and, beside it, an
+// evidence card (the query, the inserted passages with the quote highlighted, the source).
+// Each card has its own "supported?" (evidence cards only), "plausible?" and rule-violation
+// checkboxes; they are sent as {"<idx>": ...} maps, so the rule reward model knows which reply
+// broke which rule.
 
 // ---------------------------------------------------------------- helpers
 
@@ -129,9 +136,8 @@ export class Ranker {
       ...this.item.prompt_messages.map(renderMessage));
     this.cards = this.item.replies.map((reply, pos) => this.renderCard(reply, pos));
     this.unacceptable = el("input", { type: "checkbox", name: "unacceptable", onchange: () => this.refresh() });
-    const rules = this.rules.map((rule) => el("label", { class: "check" },
-      el("input", { type: "checkbox", name: "violation", value: rule.name }),
-      el("span", { class: "rule-name", text: rule.name }),
+    const rules = this.rules.map((rule) => el("li", {},
+      el("span", { class: "rule-name", text: rule.name }), " ",
       rule.text ? el("span", { class: "rule-text", text: rule.text }) : null));
     this.betterReply = el("textarea", { name: "better_reply", rows: "4", id: `better-${this.item.id}` });
     this.note = el("textarea", { name: "note", rows: "2", id: `note-${this.item.id}` });
@@ -142,7 +148,8 @@ export class Ranker {
     const extras = el("div", { class: "extras" },
       el("label", { class: "check unacceptable" }, this.unacceptable,
         el("span", { text: "All replies are unacceptable" }), el("kbd", { text: "u" })),
-      rules.length ? el("fieldset", { class: "rules" }, el("legend", { text: "Rule violations" }), ...rules) : null,
+      rules.length ? el("div", { class: "rules" }, el("h3", { text: "Rules (tick the ones a reply breaks, on its card)" }),
+        el("ul", {}, ...rules)) : null,
       el("label", { for: this.betterReply.id, text: "Better reply (optional; saved as a demonstration) " },
         el("kbd", { text: "/" })),
       this.betterReply,
@@ -183,9 +190,30 @@ export class Ranker {
     el("header", {},
       el("span", { class: "card-label", text: cardLabel(pos) }),
       el("span", { class: "card-rank", text: "" })),
-    el("div", { class: "text reply-text", text: String(reply.text) }),
+    el("div", { class: "reply-body" },
+      el("div", { class: "text reply-text", text: String(reply.evidence ? reply.evidence.answer : reply.text) }),
+      reply.evidence ? evidenceCard(reply.evidence) : null),
+    this.judgements(reply),
     el("div", { class: "rank-buttons", role: "group", "aria-label": "Rank (1 = best)" }, ...buttons));
     return { node, buttons, badge: node.querySelector(".card-rank") };
+  }
+
+  // Per reply: supported? (only when it shows evidence), plausible?, and one box per rule.
+  judgements(reply) {
+    const box = (name, label, extra = {}) => el("label", { class: "check" },
+      el("input", { type: "checkbox", name, "data-idx": reply.idx, ...extra }), el("span", { text: label }));
+    return el("div", { class: "judgements" },
+      reply.evidence ? box("supported", "supported?") : null,
+      box("plausible", "plausible?"),
+      this.rules.length ? el("fieldset", { class: "rules" }, el("legend", { text: "Rule violations" }),
+        ...this.rules.map((rule) => el("label", { class: "check", title: rule.text || rule.name },
+          el("input", { type: "checkbox", name: "violation", value: rule.name, "data-idx": reply.idx }),
+          el("span", { class: "rule-name", text: rule.name })))) : null);
+  }
+
+  checked(name, idx) {
+    const box = this.form.querySelector(`input[name="${name}"][data-idx="${idx}"]`);
+    return box ? box.checked : null;
   }
 
   select(pos) {
@@ -244,8 +272,15 @@ export class Ranker {
     const body = {
       ranks: this.apiRanks(),
       unacceptable: this.unacceptable.checked,
-      violations: [...this.form.querySelectorAll('input[name="violation"]:checked')].map((c) => c.value),
+      // Per reply idx; sent only when there are rule boxes ({} then means "no rule broken").
+      violations: this.rules.length ? {} : undefined,
+      evidence: {},
     };
+    for (const reply of this.item.replies) {
+      const ticked = [...this.form.querySelectorAll(`input[name="violation"][data-idx="${reply.idx}"]:checked`)];
+      if (ticked.length && body.violations) body.violations[reply.idx] = ticked.map((c) => c.value);
+      body.evidence[reply.idx] = { supported: this.checked("supported", reply.idx), plausible: this.checked("plausible", reply.idx) };
+    }
     if (this.betterReply.value.trim()) body.better_reply = this.betterReply.value;
     if (this.note.value.trim()) body.note = this.note.value;
     try {
@@ -304,6 +339,33 @@ export class Ranker {
     if (activeRanker === this) activeRanker = null;
     this.root.replaceChildren();
   }
+}
+
+// The evidence card: the query, each inserted passage (the quote highlighted where it is
+// verbatim in a passage of the cited title) and the citation. Text nodes and <mark> only.
+export function evidenceCard(ev) {
+  const passages = ev.passages.map((p) => {
+    const body = el("span", { class: "passage-text" });
+    const at = ev.quote_found && p.title === ev.cited_title ? p.text.indexOf(ev.quote) : -1;
+    if (at >= 0) {
+      body.append(p.text.slice(0, at), el("mark", { text: ev.quote }), p.text.slice(at + ev.quote.length));
+    } else {
+      body.append(p.text);
+    }
+    return el("li", { class: "passage" }, el("span", { class: "passage-title", text: p.title }), body);
+  });
+  let source = el("p", { class: "source none", text: "No source cited." });
+  if (ev.cited_title !== null) {
+    source = el("p", { class: ev.quote_found ? "source" : "source unfound" },
+      el("span", { text: "Source: " }), el("span", { class: "source-title", text: ev.cited_title }),
+      el("q", { text: ev.quote || "" }),
+      ev.quote_found ? null : el("span", { class: "warn", text: " (not found in the passages shown)" }));
+  }
+  return el("aside", { class: "evidence", "aria-label": "Evidence" },
+    ...ev.queries.map((q) => el("p", { class: "query" }, el("span", { class: "label", text: "Searched: " }),
+      el("span", { class: "query-text", text: q }))),
+    el("ol", { class: "passages" }, ...passages),
+    source);
 }
 
 document.addEventListener("keydown", (ev) => {
