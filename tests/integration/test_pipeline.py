@@ -1,8 +1,10 @@
 """`rlhf pipeline` end to end, shortened to one round and few steps, through the real CLI.
 
-Checks that every stage produced its artefacts, that comparisons landed in SQLite with
-provenance, that a finished run resumes without redoing anything, and that `rlhf chat`
-answers with the final policy.
+The run is configs/evidence-quickstart.yaml (the recipe with everything on: the search tool in
+every rollout, the evidence rewards, the rule reward model) with GAE and PPO-ptx, so one run
+covers the whole pipeline. Checks that every stage produced its artefacts, that comparisons
+landed in SQLite with provenance, that the evidence figures and metrics are there, that a
+finished run resumes without redoing anything, and that `rlhf chat` answers with the final policy.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 SHORT = ["data.task_size=512", "pipeline.rounds=1", "pipeline.eval_prompts=8", "rm.prompts_per_round=24",
          "rm.epochs=1", "sft.max_steps=40", "ppo.steps=3", "ppo.prompts_per_step=8", "ppo.train_batch_size=16",
-         "ppo.ptx_coef=0.1"]
+         "ppo.ptx_coef=0.1", "ppo.advantage=gae", "rule_rm.epochs=1"]
 
 
 def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
     # A relative --out, as `make run` passes: Ray Train workers and actors run elsewhere.
-    return subprocess.run([RLHF, "pipeline", str(ROOT / "configs" / "quickstart.yaml"), *SHORT, "--out", out.name,
+    return subprocess.run([RLHF, "pipeline", str(ROOT / "configs" / "evidence-quickstart.yaml"), *SHORT, "--out", out.name,
                            *extra], capture_output=True, text=True, timeout=1500, cwd=out.parent)
 
 
@@ -42,7 +44,8 @@ def test_every_stage_leaves_its_artefacts(run):
     out, proc = run
     assert "pipeline done:" in proc.stdout
     state = json.loads((out / "pipeline_state.json").read_text())["stages"]
-    assert list(state) == ["sft", "round1/comparisons", "round1/rm", "round1/ppo", "round1/eval", "best"]
+    assert list(state) == ["sft", "round1/comparisons", "round1/rm", "round1/rule_rm", "round1/ppo", "round1/eval",
+                           "best"]
     for folder in (out / "sft" / "checkpoint", out / "round1" / "rm" / "checkpoint",
                    out / "round1" / "ppo" / "checkpoints" / "final" / "policy"):
         assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file(), folder
@@ -66,6 +69,32 @@ def test_every_stage_leaves_its_artefacts(run):
     trained = [r for r in ppo_rows if r["step"] > 0]  # step 0: the judge's score of the starting policy
     assert len(trained) == 3 and all(r["policy/ptx_loss"] > 0 for r in trained)
     assert ppo_rows[0] == {"step": 0, "eval/labeler_score": ppo_rows[0]["eval/labeler_score"]}
+
+
+def test_evidence_corpus_rule_rm_rewards_and_rates(run):
+    """The evidence parts: the task's corpus written and indexed once, the rule RM trained and in the
+    PPO reward, the evidence rewards and metrics logged, the held-out Sparrow rates printed."""
+    out, proc = run
+    corpus = out / "evidence" / "corpus.jsonl"
+    docs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert len(docs) > 100 and all(set(d) == {"title", "text"} for d in docs)
+    assert any((out / "evidence").glob("corpus.jsonl.bm25/*"))  # the index, cached beside the corpus
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    rule_rm = Path(state["round1/rule_rm"]["checkpoint"])
+    assert set(json.loads((rule_rm / "rules.json").read_text())) == {"no_human_claims", "no_false_facts",
+                                                                     "stay_on_topic"}
+    assert state["round1/rule_rm"]["examples"] == 24 * 4 * 3  # every stored reply x every rule
+    rows = [json.loads(line) for line in (out / "round1" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if r["step"] > 0):
+        assert row["reward/rules_rm"] <= 0.0  # sum of log(1 - P(violation))
+        for key in ("reward/evidence_supported", "reward/evidence_plausible", "reward/model", "evidence/search_rate",
+                    "evidence/supported_rate", "evidence/supported_and_plausible_rate", "evidence/quote_chars"):
+            assert key in row, key
+    ev = json.loads((out / "round1" / "eval.json").read_text())
+    for policy in ("sft", "final"):
+        assert 0.0 <= ev[f"evidence/supported_and_plausible_rate/{policy}"] <= 1.0
+        assert 0.0 <= ev[f"rules/violation_rate/{policy}"] <= 1.0
+    assert "evidence (held-out): supported and plausible SFT" in proc.stdout and "rule violations" in proc.stdout
 
 
 def test_comparisons_landed_in_sqlite_with_provenance(run):
