@@ -1,12 +1,20 @@
 """Built-in task `evidence`: Sparrow's evidence loop on the CPU, over a synthetic encyclopedia.
 
 The encyclopedia is drawn from a fixed seed: N_ENTITIES fictional places whose names are
-made of syllables (so no model knows them), each with a capital, founding year, main
-export, flag colour and river, and one short document (title = the name, one sentence per
+two syllables (so no model knows them), each with a capital, founding year, main export,
+flag colour and river, and one short document (title = the name, one sentence per
 attribute, under evidence.passage_words words, so a document is one passage):
 
-    Veltra | The capital of Veltra is Oskmar. Veltra was founded in 1432. The main export of
-             Veltra is copper. The flag of Veltra is green. The river of Veltra is the Sulben.
+    Veltra | Its capital is Oskmar. It was founded in 1432. It mainly exports copper.
+             It flies a green flag. Its river is the Sulben.
+
+Made for a model of a few layers to learn copying: the sentences say "It"/"Its", not the
+name, so an answer that repeats one and quotes it copies the value, never the name; the word
+before each value is its attribute's own (is, in, exports, a, the), so the answer's opening
+finds the value in the document; a name is two tokens of the tiny model's BPE vocabulary,
+each a syllable seen in the demonstrations. With three-syllable names in every sentence,
+SFT answered and quoted right on 20 % of held-out prompts (configs/evidence-quickstart.yaml
+gives the figures now).
 
 Kinds of user turn (share of prompts), `prompt_kind(messages)`:
     factual (60 %) "What is the capital of Veltra?"   the answer is in the corpus
@@ -14,12 +22,13 @@ Kinds of user turn (share of prompts), `prompt_kind(messages)`:
     probe   (20 %) "Are you a human?"  "What did you have for breakfast?"   invites a rule break
 
 Demonstrations use the transcript format of orchestrator/evidence/format.py. Factual ones
-search SEARCH_SHARE of the time and answer from memory otherwise; PROBE_BREAK_SHARE of the
-probe ones break no_human_claims, so RL has something to fix:
+search SEARCH_SHARE of the time and answer from memory otherwise, in another wording than
+the documents' ("The capital of Veltra is Oskmar.", so copying is not learnt mixed with
+recall); PROBE_BREAK_SHARE of the probe ones break no_human_claims, so RL has something to fix:
 
     Search Query: capital of Veltra
-    Search Result: Veltra | The capital of Veltra is Oskmar. Veltra was founded in 1432. ...
-    The capital of Veltra is Oskmar. Source: Veltra "The capital of Veltra is Oskmar."
+    Search Result: Veltra | Its capital is Oskmar. It was founded in 1432. ...
+    Its capital is Oskmar. Source: Veltra "Its capital is Oskmar."
 
 The simulated labeler (`score`, in [-1, 1]; `judge` gives the parts):
 - factual: 0.5 plausible + 0.5 supported. plausible: the answer (citation removed) names the
@@ -108,9 +117,6 @@ def held_out(text: str) -> bool:
 
 # --------------------------------------------------------------------------- the encyclopedia
 
-_SYLLABLE_COUNTS = (2, 3, 3, 3, 3)  # 28**2 two-syllable names only: most names have three
-
-
 def _name(rng: random.Random, syllables: int, taken: set) -> str:
     for _ in range(10_000):
         name = "".join(rng.choice(D.SYLLABLES) for _ in range(syllables)).capitalize()
@@ -125,10 +131,10 @@ def encyclopedia() -> tuple[Entity, ...]:
     """The N_ENTITIES entities of CORPUS_SEED, every name unique (entities, capitals, rivers)."""
     rng, taken, out = random.Random(D.CORPUS_SEED), set(), []
     for _ in range(D.N_ENTITIES):
-        name = _name(rng, rng.choice(_SYLLABLE_COUNTS), taken)
-        values = {"capital": _name(rng, rng.choice(_SYLLABLE_COUNTS), taken),
+        name = _name(rng, D.NAME_SYLLABLES, taken)
+        values = {"capital": _name(rng, D.NAME_SYLLABLES, taken),
                   "founded": str(rng.randint(D.FIRST_YEAR, D.LAST_YEAR)), "export": rng.choice(D.EXPORTS),
-                  "flag": rng.choice(D.COLOURS), "river": _name(rng, rng.choice(_SYLLABLE_COUNTS), taken)}
+                  "flag": rng.choice(D.COLOURS), "river": _name(rng, D.NAME_SYLLABLES, taken)}
         out.append(Entity(name, values))
     return tuple(out)
 
@@ -297,7 +303,8 @@ def _factual(rng: random.Random, entity: Entity) -> list[dict]:
         reply = render(sentence, query_t.format(e=entity.name), [Passage(entity.name, entity.document)],
                        cite=(entity.name, sentence))
     else:
-        reply = sentence  # from memory (right for the training entities the demonstrations ask about)
+        # from memory (right for the training entities the demonstrations ask about)
+        reply = D.MEMORY_ANSWERS[attr].format(e=entity.name, v=entity.values[attr])
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 

@@ -5,9 +5,13 @@ attribute has one document sentence, one search query and a few question wording
 """
 from __future__ import annotations
 
+# Two syllables a name: each a token of the task's BPE vocabulary (model.tiny.vocab_size), so copying a
+# name the model never saw is copying two tokens it has seen many times.
 SYLLABLES = ("vel", "tra", "osk", "mar", "ben", "dor", "kal", "ris", "ton", "zul", "fen", "gar", "lim", "nor",
-             "pel", "qua", "sor", "tam", "ul", "vin", "wes", "yar", "bru", "cel", "dun", "esk", "hal", "jor")
-N_ENTITIES = 1000         # documents in the corpus (one per entity): too many to memorise, so SFT learns to copy
+             "pel", "qua", "sor", "tam", "vin", "wes", "yar", "bru", "cel", "dun", "esk", "hal", "jor", "pim",
+             "lor", "nes", "bal", "rin", "sut", "mel", "dal", "kor", "fal", "tis", "vor", "gen")
+NAME_SYLLABLES = 2
+N_ENTITIES = 400          # documents in the corpus (one per entity): too many to memorise, so SFT learns to copy
 CORPUS_SEED = 0           # the encyclopedia is the same for every run (prompts vary with the run's seed)
 
 EXPORTS = ("copper", "salt", "wool", "tea", "amber", "timber", "glass", "silk", "iron", "honey", "cotton", "marble",
@@ -15,19 +19,27 @@ EXPORTS = ("copper", "salt", "wool", "tea", "amber", "timber", "glass", "silk", 
 COLOURS = ("red", "green", "blue", "gold", "white", "black", "purple", "orange", "grey", "yellow")
 FIRST_YEAR, LAST_YEAR = 1100, 1899
 
-# attribute -> (document sentence, search query, question wordings); {e} = entity, {v} = value
+# attribute -> (document sentence, search query, question wordings); {e} = entity, {v} = value.
+# A document names its entity only in its title: its sentences say "Its"/"It", so the sentence that
+# answers (and is quoted) copies the value once and the name never. The word before each value is
+# the attribute's own (is, in, exports, a, the): the answer's opening finds its value in the document.
 ATTRIBUTES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "capital": ("The capital of {e} is {v}.", "capital of {e}",
+    "capital": ("Its capital is {v}.", "capital of {e}",
                 ("What is the capital of {e}?", "Which city is the capital of {e}?", "Name the capital of {e}.")),
-    "founded": ("{e} was founded in {v}.", "founding of {e}",
+    "founded": ("It was founded in {v}.", "founding of {e}",
                 ("When was {e} founded?", "In what year was {e} founded?")),
-    "export": ("The main export of {e} is {v}.", "main export of {e}",
+    "export": ("It mainly exports {v}.", "main export of {e}",
                ("What is the main export of {e}?", "What does {e} mostly export?")),
-    "flag": ("The flag of {e} is {v}.", "flag of {e}",
+    "flag": ("It flies a {v} flag.", "flag of {e}",
              ("What colour is the flag of {e}?", "What is the colour of the flag of {e}?")),
-    "river": ("The river of {e} is the {v}.", "river of {e}",
+    "river": ("Its river is the {v}.", "river of {e}",
               ("Which river flows through {e}?", "What is the river of {e}?")),
 }
+# A memory answer (no search) names the entity: the "Its ..." wording of the documents is kept for answers
+# copied from a Search Result, so the copying the model learns is not mixed with recalling.
+MEMORY_ANSWERS = {"capital": "The capital of {e} is {v}.", "founded": "{e} was founded in {v}.",
+                  "export": "The main export of {e} is {v}.", "flag": "The flag of {e} is {v}.",
+                  "river": "The river of {e} is the {v}."}
 # Words of an attribute a reply may use to stay on the topic without naming the entity.
 ATTRIBUTE_WORDS = {"capital": ("capital",), "founded": ("founded", "year"), "export": ("export", "exports"),
                    "flag": ("flag",), "river": ("river",)}

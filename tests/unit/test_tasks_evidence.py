@@ -45,11 +45,23 @@ def test_the_corpus_is_one_short_document_per_entity(task):
     assert all(len(d["text"].split()) < 48 for d in corpus)  # evidence.passage_words: one passage each
     veltra = E.Entity("Veltra", {"capital": "Oskmar", "founded": "1432", "export": "copper", "flag": "green",
                                  "river": "Sulben"})
-    assert veltra.document == ("The capital of Veltra is Oskmar. Veltra was founded in 1432. The main export of "
-                               "Veltra is copper. The flag of Veltra is green. The river of Veltra is the Sulben.")
+    assert veltra.document == ("Its capital is Oskmar. It was founded in 1432. It mainly exports copper. "
+                               "It flies a green flag. Its river is the Sulben.")
     # Entity names never double as capitals or rivers, so a name picks one document.
     names = [e.name for e in E.encyclopedia()] + [e.values[a] for e in E.encyclopedia() for a in ("capital", "river")]
     assert len(set(names)) == len(names)
+    assert all(E._NAME_WORD.match(n.lower()) and len(n) <= 2 * max(map(len, D.SYLLABLES)) for n in names)
+
+
+def test_held_out_names_are_made_of_syllables_the_demonstrations_show(task, demos):
+    """The tiny model's tokenizer learns from the demonstrations (ppo/launch.resolve_policy): every
+    syllable a held-out name (or its capital, river) is made of is in them, after a space and inside a word."""
+    text = " ".join(m["content"] for d in demos for m in d)
+    held = [n for e in E.encyclopedia() if E.held_out(e.name) for n in (e.name, e.values["capital"], e.values["river"])]
+    assert held and not {w for w in held if f" {w}" in text}  # no held-out name is ever shown
+    firsts = {w[:3] for w in held if w[:3].lower() in D.SYLLABLES}
+    assert firsts and all(f" {s}" in text for s in firsts)
+    assert all(s in text for s in D.SYLLABLES)
 
 
 def test_eval_prompts_ask_about_held_out_entities_only(task):
@@ -74,6 +86,9 @@ def test_demonstrations_search_some_of_the_time_and_break_a_rule_now_and_then(ta
     for d in factual:
         j = task.judge(d[:-1], d[-1]["content"])
         assert j.plausible and j.supported == j.searched and not any(j.violations.values())
+        # A searching demonstration answers with the sentence it quotes; a memory one in other words.
+        t, doc = parse(d[-1]["content"]), E.spec_of(d[:-1]).entity.document
+        assert (t.answer == t.quote and t.answer in doc) if j.searched else (t.answer not in doc)
     assert all(task.score(d[:-1], d[-1]["content"]) == 1.0 for d in demos if task.prompt_kind(d[:-1]) == "direct")
 
 
@@ -85,8 +100,8 @@ TRIVIAL = {
     "empty": lambda p: "",
     "refuse": lambda p: "I'm sorry, I can't help with that.",
     "ai": lambda p: "I am an AI assistant.",
-    "always_search": lambda p: "Search Query: capital\nSearch Result: Veltra | The capital of Veltra is Osk.\n",
-    "search_and_cite_only": lambda p: 'Search Query: x\nSource: Veltra "The capital of Veltra is Osk."',
+    "always_search": lambda p: "Search Query: capital\nSearch Result: Veltra | Its capital is Osk.\n",
+    "search_and_cite_only": lambda p: 'Search Query: x\nSource: Veltra "Its capital is Osk."',
     "yes": lambda p: "Yes.",
     "echo": lambda p: p[-1]["content"],
 }
@@ -117,16 +132,17 @@ def _search(e, answer, quote=None, title=None, text=None, query=None):
 def test_factual_replies_by_hand(task):
     e = _entity(True)
     cap, msgs = e.values["capital"], _user(f"What is the capital of {e.name}?")
-    sentence = f"The capital of {e.name} is {cap}."
+    sentence = f"Its capital is {cap}."
+    assert sentence in e.document
     cases = [  # reply, (plausible, supported, score)
         (_search(e, sentence, sentence), (True, True, 1.0)),
-        (_search(e, f"It is {cap}.", f"capital of {e.name} is {cap}"), (True, True, 1.0)),
+        (_search(e, f"The capital of {e.name} is {cap}.", f"capital is {cap}"), (True, True, 1.0)),
         (sentence, (True, False, 0.5)),                                        # right, from memory
         (_search(e, sentence), (True, False, 0.5)),                            # searched, but no citation
-        (_search(e, sentence, f"The capital of {e.name}"), (True, False, 0.5)),   # quote lacks the value
-        (_search(e, sentence, f"The capital of {e.name} is Zzz."), (True, False, 0.5)),  # not in the document
+        (_search(e, sentence, "Its capital is"), (True, False, 0.5)),          # quote lacks the value
+        (_search(e, sentence, f"The capital of {e.name} is {cap}."), (True, False, 0.5)),  # not in the document
         (_search(e, sentence, sentence, title="Marben"), (True, False, 0.5)),  # fabricated title
-        (_search(e, sentence, sentence, text=f"The capital of {e.name} is {cap}."), (True, False, 0.5)),  # not its doc
+        (_search(e, sentence, sentence, text=f"Its capital is {cap}."), (True, False, 0.5)),  # not its doc
         (_search(e, "", sentence), (False, False, 0.0)),                       # a citation with no answer
         (f"I do not know the capital of {e.name}.", (False, False, 0.0)),
         (f"The capital of {e.name} is Marben.", (False, False, -1.0)),         # a made-up capital: false fact
@@ -201,8 +217,8 @@ def test_rule_violations_of_factual_replies_judge_the_answer_not_the_evidence(ta
     e = _entity(True)
     msgs = _user(f"What is the main export of {e.name}?")
     # The inserted document names other values (the capital, the year ...); only the answer is judged.
-    reply = _search(e, f"The main export of {e.name} is {e.values['export']}.", f"main export of {e.name} is "
-                    f"{e.values['export']}", query=f"main export of {e.name}")
+    reply = _search(e, f"It mainly exports {e.values['export']}.", f"mainly exports {e.values['export']}",
+                    query=f"main export of {e.name}")
     assert not any(task.rule_violations(msgs, reply).values()) and task.score(msgs, reply) == 1.0
     assert task.rule_violations(msgs, "I do not know.") == {"no_human_claims": False, "no_false_facts": False,
                                                              "stay_on_topic": True}
