@@ -38,11 +38,18 @@ def tool_spec(cfg: ExperimentConfig) -> dict | None:
 
 
 def check_evidence_source(cfg: ExperimentConfig, task) -> None:
-    """Fails (before anything is written) when the run searches but has no corpus to search."""
-    if needs_evidence(cfg) and cfg.evidence.corpus is None and not callable(getattr(task, "corpus", None)):
+    """Fails (before anything is written) when the run searches but has no corpus to search, or
+    when evidence.corpus is bad (file:line, empty, too big); a good one is indexed now."""
+    if not needs_evidence(cfg):
+        return
+    if cfg.evidence.corpus is None and not callable(getattr(task, "corpus", None)):
         raise BadInput("evidence.corpus: rollout.tools has search (or reward.functions an evidence_* reward) but "
                        "there is no corpus: set evidence.corpus to a JSONL of {title, text}, or use a task that "
                        "brings one (data.task: evidence)")
+    if cfg.evidence.corpus is not None:
+        from rlhf.orchestrator.evidence.retrieval import load_retriever
+
+        load_retriever(evidence_spec(cfg))  # the checks, and the cached index beside the corpus
 
 
 def prepare_evidence(cfg: ExperimentConfig, task, out: Path) -> ExperimentConfig:

@@ -19,6 +19,7 @@ from rlhf.orchestrator.models.tiny import build_tiny_from_corpus, sample_corpus
 
 PPO = ["ppo", "configs/ppo-tiny.yaml", "logger.backend=none"]
 PIPE = ["pipeline", "configs/quickstart.yaml"]
+EVIDENCE = ["pipeline", "configs/evidence-quickstart.yaml"]
 LABELER = """
 def nope_not_this(messages, reply):
     return 1.0
@@ -90,6 +91,12 @@ CASES = [
                                                    "dpo.reference=true", "--out", "{out}"], "dpo.reference"),
     ("dpo: beta 0", ["dpo", "configs/quickstart.yaml", "dpo.beta=0", "--out", "{out}"], "dpo.beta"),
     ("dpo: no comparisons", ["dpo", "configs/quickstart.yaml", "--out", "{out}"], "no comparisons to train on"),
+    # Sparrow's evidence: the search tool's corpus is checked (and indexed) before anything is written.
+    ("evidence corpus with a malformed line", EVIDENCE + ["evidence.corpus={d}/bad_corpus.jsonl"], "bad_corpus.jsonl:2"),
+    ("empty evidence corpus", EVIDENCE + ["evidence.corpus={d}/empty.jsonl"], "an empty corpus"),
+    ("evidence corpus over the size limit", EVIDENCE + ["evidence.corpus={d}/good_corpus.jsonl",
+                                                        "evidence.max_corpus_mb=0.00001"], "evidence.max_corpus_mb"),
+    ("search with no corpus", PIPE + ["rollout.tools=[search]"], "evidence.corpus"),
 ]
 
 
@@ -116,6 +123,9 @@ def fixtures(tmp_path_factory) -> Path:
     (d / "with_ckpt" / "config.yaml").write_text("name: ppo-tiny\n")
     (d / "with_ckpt" / "checkpoints" / "step_000002" / "trainer_state.json").write_text("{}")
     (d / "good.jsonl").write_text(json.dumps(good) + "\n")
+    doc = {"title": "Veltra", "text": "Its capital is Osk."}
+    (d / "bad_corpus.jsonl").write_text(json.dumps(doc) + "\n" + '{"title": "Osk", "text": \n')
+    (d / "good_corpus.jsonl").write_text(json.dumps(doc) + "\n")
     (d / "text_only.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     (d / "half_pr.jsonl").write_text(json.dumps({"prompt": "2+2?"}) + "\n")
     (d / "half_pairs.jsonl").write_text(json.dumps({"prompt": "2+2?", "chosen": "4"}) + "\n")
