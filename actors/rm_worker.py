@@ -115,22 +115,32 @@ def cosine_lr_lambda(total_steps: int, final_ratio: float = LR_FINAL_RATIO):
     return factor
 
 
-def _train_worker(config: dict) -> None:
-    """Ray Train loop on every worker: DeepSpeed ZeRO training, then rank 0 saves and evaluates."""
-    import deepspeed
+def scalar_head_worker_start(a):
+    """The start every scalar-head Ray Train worker shares (this RM's and the rule RM's): join the
+    training group, set threads and seed, fetch the data, load the tokenizer and the model with one
+    new score head. `a` has num_threads, seed, data_ref, tokenizer_path, model_path and dtype.
+    Returns (rank, world, data, tokenizer, model)."""
     import ray
-    import ray.train
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    a: RMWorkerArgs = config["args"]
     rank, world = deepspeed_rank.join_train_group()
     torch.set_num_threads(a.num_threads)
     torch.manual_seed(a.seed)  # the new score head starts identical on every worker
-    data: RMData = ray.get(a.data_ref, timeout=DATA_TIMEOUT_S)
-    pad_id = AutoTokenizer.from_pretrained(a.tokenizer_path).pad_token_id or 0
-
+    data = ray.get(a.data_ref, timeout=DATA_TIMEOUT_S)
+    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer_path)
     model = AutoModelForSequenceClassification.from_pretrained(a.model_path, num_labels=1, dtype=getattr(torch, a.dtype))
-    model.config.pad_token_id = pad_id
+    model.config.pad_token_id = tokenizer.pad_token_id or 0
+    return rank, world, data, tokenizer, model
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train loop on every worker: DeepSpeed ZeRO training, then rank 0 saves and evaluates."""
+    import deepspeed
+    import ray.train
+
+    a: RMWorkerArgs = config["args"]
+    rank, world, data, tokenizer, model = scalar_head_worker_start(a)
+    pad_id = model.config.pad_token_id
     if a.lora is not None:
         apply_lora(model, a.lora, trainable=("score",))
     module = LastTokenReward(model)
@@ -168,7 +178,7 @@ def _train_worker(config: dict) -> None:
     if rank == 0:
         folder = Path(tempfile.mkdtemp(prefix="rm-checkpoint-"))
         model.save_pretrained(str(folder), state_dict=state)
-        AutoTokenizer.from_pretrained(a.tokenizer_path).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
         summary.update(_finalise(folder, data, pad_id))
         (folder / EVAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))

@@ -26,12 +26,12 @@ import torch
 
 from rlhf.actors import deepspeed_rank
 from rlhf.actors.deepspeed_rank import AdamW
-from rlhf.actors.rm_worker import LastTokenReward, _epoch_batches, _full_state, cosine_lr_lambda
+from rlhf.actors.rm_worker import (LastTokenReward, _epoch_batches, _full_state, cosine_lr_lambda,
+                                   scalar_head_worker_start)
 from rlhf.orchestrator.models.scoring import RULES_FILE, pad_right, score_sequences
 from rlhf.orchestrator.rl.losses import rule_violation_loss
 
 EVAL_FILE = "rule_rm_eval.json"  # held-out accuracy, base rates and sizes, saved next to the weights
-DATA_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,11 @@ def step_shape(n_train: int, batch_size: int, micro_batch_size: int, world: int)
 def _train_worker(config: dict) -> None:
     """Ray Train loop on every worker: DeepSpeed ZeRO training, then rank 0 saves and evaluates."""
     import deepspeed
-    import ray
     import ray.train
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     a: RuleRMWorkerArgs = config["args"]
-    rank, world = deepspeed_rank.join_train_group()
-    torch.set_num_threads(a.num_threads)
-    torch.manual_seed(a.seed)  # the new score head starts identical on every worker
-    data: RuleRMData = ray.get(a.data_ref, timeout=DATA_TIMEOUT_S)
-    tokenizer = AutoTokenizer.from_pretrained(a.tokenizer_path)
-    pad_id = tokenizer.pad_token_id or 0
-
-    model = AutoModelForSequenceClassification.from_pretrained(a.model_path, num_labels=1, dtype=getattr(torch, a.dtype))
-    model.config.pad_token_id = pad_id
+    rank, world, data, tokenizer, model = scalar_head_worker_start(a)
+    pad_id = model.config.pad_token_id
     module = LastTokenReward(model)
     micro, accum = step_shape(len(data.train_sequences), a.batch_size, a.micro_batch_size, world)
     batches = _epoch_batches(len(data.train_sequences), micro * accum * world, a.epochs, a.seed)
