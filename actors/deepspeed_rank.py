@@ -143,3 +143,16 @@ def register_output_head(wrapper: nn.Module, model: nn.Module) -> None:
     for p in (head.weight, head.bias):
         if p is not None:
             deepspeed.zero.register_external_parameter(wrapper, p)
+
+
+def equal_micro_slices(n: int, micro_batch_size: int, world_size: int, device, who: str) -> list[slice]:
+    """Micro-batch slices of n rows. With several ranks, checks (one all-reduce) that every
+    rank makes the same number of passes: a mismatch would otherwise hang in a collective."""
+    slices = [slice(s, min(s + micro_batch_size, n)) for s in range(0, n, micro_batch_size)]
+    if world_size > 1:
+        counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=device)
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+        if int(counts[0]) != -int(counts[1]):
+            raise ValueError(f"{who}: ranks got different numbers of micro-batches "
+                             f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
+    return slices

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.actors import deepspeed_rank
-from rlhf.actors.deepspeed_rank import AdamW, ds_config
+from rlhf.actors.deepspeed_rank import AdamW, ds_config, equal_micro_slices
 from rlhf.actors.lora import LoraArgs, apply_lora, frozen_left_out
 from rlhf.actors.modeling import ValueModel, load_causal_lm, sequence_logprobs
 from rlhf.actors.learner_weights import WeightExport, _full_shape
+from rlhf.actors.threads import torch_threads
 from rlhf.actors.weights import WeightGroup
 from rlhf.orchestrator.experience import Experience, SequenceBatch, dialogue_batch
 from rlhf.orchestrator.rl import aggregate_loss, masked_mean, policy_loss, value_loss
@@ -61,10 +62,12 @@ class LearnerArgs:
     backend: str = "gloo"  # torch.distributed backend among learner ranks: "gloo" | "nccl"
     offload: bool = False  # ZeRO-Offload: optimizer state (and ZeRO-3 params) on CPU
     gradient_checkpointing: bool = False
-    num_threads: int = 1  # torch intra-op threads per rank (many ranks share few CPU cores)
+    num_threads: int = 1  # torch intra-op threads per rank in forwards (many ranks share few CPU cores)
+    train_threads: int | None = None  # torch threads while training (None: num_threads)
     logprob_chunk_size: int = 1024  # rows per block in the token log-prob kernel
     packing: bool = False  # pack each micro-batch's sequences into one row (rlhf.actors.modeling)
     lora: LoraArgs | None = None  # train LoRA adapters only (rlhf.actors.lora); None = every weight
+    reference_path: str | None = None  # policy only: also hold this frozen model (reference_logprobs)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -73,19 +76,6 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in module.parameters() if p.requires_grad]
     return [{"params": [p for p in params if len(_full_shape(p)) >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if len(_full_shape(p)) < 2], "weight_decay": 0.0}]
-
-
-def equal_micro_slices(n: int, micro_batch_size: int, world_size: int, device, who: str) -> list[slice]:
-    """Micro-batch slices of n rows. With several ranks, checks (one all-reduce) that every
-    rank makes the same number of passes: a mismatch would otherwise hang in a collective."""
-    slices = [slice(s, min(s + micro_batch_size, n)) for s in range(0, n, micro_batch_size)]
-    if world_size > 1:
-        counts = torch.tensor([len(slices), -len(slices)], dtype=torch.long, device=device)
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-        if int(counts[0]) != -int(counts[1]):
-            raise ValueError(f"{who}: ranks got different numbers of micro-batches "
-                             f"({-int(counts[1])}..{int(counts[0])}); send every rank an equal slice")
-    return slices
 
 
 def _seq_to(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
@@ -183,6 +173,10 @@ class LearnerRank(WeightExport):
         """`epochs` optimizer steps on this rank's shard. `micro_loss(mb, n_micro)` returns the
         micro-batch's loss part and token-weighted stat sums; the loop backpropagates, guards
         and steps. Returns summed stats plus loss, tokens, grad_norm, lr, skips, micro_batches."""
+        with torch_threads(self.args.train_threads):
+            return self._train_epochs(shard, epochs, micro_loss)
+
+    def _train_epochs(self, shard: Experience, epochs: int, micro_loss) -> dict[str, float]:
         self.engine.train()
         slices = self._micro_slices(len(shard), epochs)
         acc: dict[str, float] = defaultdict(float)
@@ -272,10 +266,11 @@ class LearnerRank(WeightExport):
         micro-batches: [B, T] -> [B, T-1] float32 on CPU, 0 outside action_mask."""
         self.engine.eval()
         out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-        for sl in self._micro_slices(len(batch)):
-            mb = _seq_to(batch.select(sl).trimmed(), self.device)
-            per_token = self.engine(mb.input_ids, mb.attention_mask)
-            out[sl, : per_token.shape[1]] = per_token.float().cpu()
+        with torch_threads(self.args.num_threads):
+            for sl in self._micro_slices(len(batch)):
+                mb = _seq_to(batch.select(sl).trimmed(), self.device)
+                per_token = self.engine(mb.input_ids, mb.attention_mask)
+                out[sl, : per_token.shape[1]] = per_token.float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
 
 class _PolicyLogprobs(nn.Module):
@@ -299,7 +294,25 @@ class _PolicyLogprobs(nn.Module):
 
 
 class PolicyLearner(LearnerRank):
-    """PPO actor: old log-probs, the clipped-surrogate update, weight export."""
+    """PPO actor: old log-probs, the clipped-surrogate update, weight export; with
+    `args.reference_path`, the frozen reference's log-probs too (reference.colocate)."""
+
+    def __init__(self, args: LearnerArgs) -> None:
+        super().__init__(args)
+        self.reference = None
+        if args.reference_path:  # loads now, while the other actors start
+            from rlhf.actors.reference import ReferenceModel
+
+            self.reference = ReferenceModel(args.reference_path, args.dtype, args.micro_batch_size,
+                                            num_threads=args.num_threads, chunk_size=args.logprob_chunk_size,
+                                            packing=args.packing)
+
+    def reference_logprobs(self, batch: SequenceBatch, temperature: float = 1.0) -> Tensor:
+        """The reference's log-probs of this rank's slice, as ReferenceModel.compute_logprobs."""
+        if self.reference is None:
+            raise RuntimeError("this policy rank holds no reference (LearnerArgs.reference_path is None)")
+        with torch_threads(self.args.num_threads):
+            return self.reference.compute_logprobs(batch, temperature)
 
     def _build_module(self) -> nn.Module:
         self.model = load_causal_lm(self.args.model_path, self.args.dtype, packing=self.args.packing)
@@ -322,16 +335,24 @@ class PolicyLearner(LearnerRank):
         return self._forward_tokens(batch)
 
     def train_step(self, shard: Experience, clip_eps: float, dual_clip: float | None, entropy_coef: float,
-                   loss_agg: str, num_tokens: int, num_seqs: int, epochs: int = 1) -> dict[str, float]:
+                   loss_agg: str, num_tokens: int, num_seqs: int, epochs: int = 1,
+                   measure_gap: bool = False) -> dict[str, float]:
         """PPO update on this rank's shard of one mini-batch: `epochs` optimizer steps.
 
         num_tokens / num_seqs: GLOBAL counts of the mini-batch over all ranks. Returns means
         over epochs; policy/loss is this rank's share x world size, so the mean over ranks is
         the mini-batch loss; clipfrac/approx_kl/entropy are this rank's token means.
+        `measure_gap`: also return policy/old_logprob_gap, the mean |log-prob - shard.old_logp|
+        per token of the first micro-batch, computed before this call's first optimizer step
+        (the guard of ppo.old_logprobs=sampler: ~0 when old_logp came from these weights).
         """
+        gap: list[float] = []
+
         def micro_loss(mb: Experience, n_micro: int) -> tuple[Tensor, dict[str, float]]:
             mask = mb.sequences.action_mask
             logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True)
+            if measure_gap and not gap:
+                gap.append(float(masked_mean((logp.detach() - mb.old_logp).abs(), mask)))
             loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_eps, dual_clip,
                                       loss_agg, num_tokens, num_seqs)
             if entropy_coef:
@@ -354,6 +375,8 @@ class PolicyLearner(LearnerRank):
                  "policy/nonfinite_skips": acc["skips"]}
         if self._ptx_coef:
             stats["policy/ptx_loss"] = acc["ptx_loss"] / (epochs * acc["micro_batches"])
+        if gap:
+            stats["policy/old_logprob_gap"] = gap[0]
         return stats
 
     # ---- PPO-ptx (InstructGPT): the SFT log-likelihood mixed into the policy loss ---------

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf.actors import deepspeed_rank
-from rlhf.actors.learner import equal_micro_slices
+from rlhf.actors.deepspeed_rank import equal_micro_slices
 from rlhf.actors.modeling import load_causal_lm, sequence_logprobs
 from rlhf.orchestrator.experience import SequenceBatch
 

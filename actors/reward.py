@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf.actors.threads import torch_threads
 from rlhf.orchestrator.experience import Samples
 from rlhf.orchestrator.models.scoring import (load_rule_model, reward_offset, rule_reward, rule_violation_probs,
                                               score_sequences)
@@ -29,12 +30,14 @@ class RewardScorer:
     def __init__(self, tokenizer_path: str, functions: dict[str, float], model_path: str | None = None,
                  model_weight: float = 1.0, clip: float | None = None, dtype: str = "float32",
                  forbidden_phrases: list[str] | None = None, evidence: dict | None = None,
-                 rule_model_path: str | None = None, rule_weights: dict[str, float] | None = None) -> None:
+                 rule_model_path: str | None = None, rule_weights: dict[str, float] | None = None,
+                 num_threads: int | None = None) -> None:
         """`functions`: name -> weight (orchestrator/tasks/rewards.py); `forbidden_phrases` feeds the
         `forbidden_phrase` rule (required when that rule is named); `evidence` (the evidence.* keys plus
         `task`, the data.task spec) feeds the evidence_* rewards and the evidence/* metrics.
         `rule_model_path`: a rule reward model folder (recipe/rule_rm.py); component `rules_rm` =
-        sum over its rules.json of rule_weights[rule] (default 1) * log(1 - P(violation))."""
+        sum over its rules.json of rule_weights[rule] (default 1) * log(1 - P(violation)).
+        `num_threads`: torch threads while scoring (None: the process's count)."""
         from transformers import AutoTokenizer
 
         if not functions and model_path is None and rule_model_path is None:
@@ -46,6 +49,7 @@ class RewardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.functions, self.model_weight, self.clip = dict(functions), model_weight, clip
         self.instance = uuid.uuid4().hex  # a restarted actor is a new instance: restarts are counted
+        self.num_threads = num_threads
         self.model = None
         if model_path is not None:
             from transformers import AutoModelForSequenceClassification
@@ -63,6 +67,10 @@ class RewardScorer:
 
     def score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
         """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`."""
+        with torch_threads(self.num_threads):
+            return self._score(samples, prompts)
+
+    def _score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
         replies = self.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
         components: dict[str, list[float]] = {}
         for name, fn in self.bound.items():

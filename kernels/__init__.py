@@ -46,11 +46,14 @@ def default_backend() -> str:
 
 @functools.cache
 def _log_choice(name: str, device_type: str, chosen: str, reason: str | None) -> None:
-    """One log line per distinct choice and process, so a fallback is never silent."""
+    """One log line per distinct choice and process, so a fallback is never silent: a warning
+    on a CUDA device, where the kernel was wanted; elsewhere "auto" means the reference, which
+    is the plan, not a fallback: INFO (a local run's worker log keeps it)."""
     if chosen == "triton":
         _log.info("token log-probs: backend %r on %s -> the fused Triton kernel", name, device_type)
     else:
-        _log.warning(
+        _log.log(
+            logging.WARNING if device_type == "cuda" else logging.INFO,
             "token log-probs: backend %r on %s -> the chunked PyTorch reference "
             "(rlhf.kernels.logprobs.token_logprobs); the Triton kernel is not used: %s",
             name, device_type, reason or "not requested",

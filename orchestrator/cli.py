@@ -97,8 +97,15 @@ def _cmd_ppo(args) -> int:
     from rlhf.orchestrator.ppo.launch import run_ppo
 
     run_ppo(cfg, out_dir=args.out or f"runs/{cfg.name}", max_steps=args.max_steps, address=args.address,
-            resume=args.resume)
+            resume=args.resume, started_at=_process_start())
     return EXIT_OK
+
+
+def _process_start() -> float:
+    """When this command's process started (time.time()): start-up counts from the command."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _cmd_pipeline(args) -> int:
@@ -323,7 +330,9 @@ def _one_line(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf.orchestrator.run.lock import release_all
+    from rlhf.orchestrator.run.quiet import drop_driver_notices
 
+    drop_driver_notices()  # notices that say nothing is wrong (Ray's token auth, DeepSpeed's CPU)
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -13,7 +13,7 @@ import copy
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -149,6 +149,12 @@ class PPOConfig(Section):
                                    "learning rate far too high for a pretrained model; null = never", gt=0)
     max_nonfinite_skips: int = _f(3, "abort after this many consecutive updates skipped for a non-finite "
                                   "loss, advantage or gradient norm", gt=0)
+    old_logprobs: Literal["learner", "sampler"] = _f(
+        "learner", "PPO's old log-probs: learner (a policy forward over the batch) or sampler (the engines' "
+        "log-probs of the sampled tokens, no forward; checked every step on the first mini-batch, and the "
+        "run falls back to learner once the gap exceeds ppo.old_logprobs_max_gap)")
+    old_logprobs_max_gap: float = _f(1e-3, "largest mean |sampler - learner| log-prob gap per token that "
+                                     "ppo.old_logprobs=sampler accepts", gt=0)
 
 
 class LearnerConfig(Section):
@@ -168,11 +174,21 @@ class CriticConfig(LearnerConfig):
     init: Literal["reward", "policy"] = _f("reward", "initialise the critic from the reward model or the policy")
 
 
+def _auto_or_bool(value):
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError("must be auto, true or false")
+
+
 class ReferenceConfig(Section):
     num_ranks: int = _f(1, "reference actors; each scores an equal slice of the batch", gt=0)
     zero_stage: Literal[0, 3] = _f(0, "0 = every rank holds the whole model; 3 = parameters partitioned over "
                                    "the ranks (DeepSpeed ZeRO-3 inference), for a reference larger than one GPU")
     offload: bool = _f(False, "keep the ZeRO-3 parameter partitions in CPU memory (needs zero_stage 3)")
+    colocate: Annotated[Union[Literal["auto"], bool], BeforeValidator(_auto_or_bool)] = _f(
+        "auto", "run the reference as a second frozen model inside each policy rank's process (no actor of "
+        "its own, no object-store hop); auto = on CPU runs when reference.num_ranks equals policy.num_ranks "
+        "and reference.zero_stage is 0; true forces it (same conditions), false never")
 
 
 class SyncConfig(Section):
@@ -193,6 +209,8 @@ class PlacementConfig(Section):
     mode: Literal["colocated", "disaggregated"] = _f("disaggregated", "share GPUs between roles or not")
     gpus_per_node: int = _f(0, "GPUs per node to plan for; 0 = CPU-only run", ge=0)
     timeout_s: float = _f(60.0, "give up waiting for placement groups after this many seconds", gt=0)
+    cpu_threads: Optional[int] = _f(None, "torch threads per actor on a CPU run; null = planned per phase: "
+                                    "the machine's cores shared by the actors that compute at once", gt=0)
 
 
 class LoggerConfig(Section):
@@ -252,6 +270,14 @@ def check_consistency(cfg: ExperimentConfig) -> None:
     if samples % cfg.reference.num_ranks:
         raise ConfigError("reference.num_ranks", f"must divide the samples per step "
                           f"(ppo.prompts_per_step x rollout.n_samples = {samples}), got {cfg.reference.num_ranks}")
+    if ppo.old_logprobs == "sampler" and rollout.overlap:
+        raise ConfigError("ppo.old_logprobs", "sampler needs on-policy batches, but rollout.overlap samples each "
+                          "batch one step behind the learner; use ppo.old_logprobs=learner")
+    if cfg.reference.colocate is True and (cfg.reference.zero_stage != 0
+                                           or cfg.reference.num_ranks != cfg.policy.num_ranks):
+        raise ConfigError("reference.colocate", f"a reference inside the policy ranks needs reference.zero_stage 0 "
+                          f"and reference.num_ranks = policy.num_ranks ({cfg.policy.num_ranks}); got zero_stage "
+                          f"{cfg.reference.zero_stage}, {cfg.reference.num_ranks} rank(s)")
     if cfg.reference.offload and cfg.reference.zero_stage != 3:
         raise ConfigError("reference.offload", "offloads ZeRO-3 parameter partitions; set reference.zero_stage=3")
     if ppo.advantage != "gae" and rollout.n_samples < 2:

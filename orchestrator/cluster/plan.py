@@ -25,7 +25,7 @@ from rlhf.orchestrator.cluster.cluster_spec import GIB, Cluster, Node, load_clus
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.errors import BadInput
 from rlhf.orchestrator.cluster.model_catalog import ModelShape, resolve_shape
-from rlhf.orchestrator.ppo.placement import ResourcePlan, plan_resources
+from rlhf.orchestrator.ppo.placement import ResourcePlan, plan_resources, reference_in_policy
 from rlhf.orchestrator.cluster import plan_memory as pm
 
 
@@ -96,8 +96,15 @@ def role_memory(cfg: ExperimentConfig, shapes: Shapes, gpu_bytes: float) -> dict
                                           cfg.critic.gradient_checkpointing, mb_tokens, lm_head=False,
                                           runtime=runtime)
     ref = cfg.reference
-    out["reference"] = pm.reference_memory(shapes.policy, dtype, ref.zero_stage, ref.num_ranks, ref.offload,
-                                           mb_tokens, runtime)
+    reference = pm.reference_memory(shapes.policy, dtype, ref.zero_stage, ref.num_ranks, ref.offload,
+                                    mb_tokens, runtime)
+    if reference_in_policy(cfg):  # a second model in each policy rank's process (one runtime)
+        policy = out["policy"]
+        out["policy"] = replace(
+            policy, parts={**policy.parts, "reference weights": reference.parts["weights"]},
+            load_cpu=policy.load_cpu + reference.load_cpu, how=policy.how + "; holds the reference (reference.colocate)")
+    else:
+        out["reference"] = reference
     if shapes.reward is not None:
         out["reward"] = pm.reward_memory(shapes.reward, dtype, step_samples * seq_len, runtime)
     return out
@@ -290,7 +297,7 @@ def _node_lines(plan: ClusterPlan) -> list[str]:
 def _memory_lines(plan: ClusterPlan) -> list[str]:
     where = "GiB per GPU" if plan.cfg.placement.gpus_per_node else "GiB of RAM (CPU run)"
     cols = ["weights", "gradients", "optimizer", "buffers", "activations", "kv cache", "runtime"]
-    column_of = {"cuda graphs": "buffers", "kv cache (min)": "kv cache"}
+    column_of = {"cuda graphs": "buffers", "kv cache (min)": "kv cache", "reference weights": "weights"}
     lines = [f"memory per actor ({where}; rules in orchestrator/cluster/plan_memory.py):",
              f"  {'role':<10}{'actors':>8}" + "".join(f"{c[:9]:>10}" for c in cols)
              + f"{'needs':>8}{'holds':>8}{'CPU RAM':>9}"]

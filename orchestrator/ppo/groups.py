@@ -6,6 +6,7 @@ at once and wait on them together with `wait_all`.
 from __future__ import annotations
 
 import ray
+import torch
 
 from rlhf.orchestrator.errors import RemoteCallFailed, RemoteCallTimeout
 from rlhf.orchestrator.experience import Experience, SequenceBatch
@@ -23,10 +24,21 @@ def wait_all(refs, timeout_s: float, what: str):
         raise RemoteCallFailed(f"{what}: {type(err.cause).__name__}: {err.cause}") from None
 
 
+# Parts below this size travel inside the call itself (Ray inlines small arguments into the
+# task), with no object-store round trip: a tiny model's mini-batch of experience is ~45 KB.
+INLINE_BYTES = 96 * 1024  # Ray inlines arguments up to 100 KiB (max_direct_call_object_size)
+
+
+def _nbytes(part) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(part).values() if isinstance(t, torch.Tensor)) + sum(
+        _nbytes(v) for v in vars(part).values() if isinstance(v, SequenceBatch))
+
+
 class Scattered:
-    """A batch `ray.put` once per slicing: groups with the same number of ranks share the
+    """A batch sliced once per rank count: groups with the same number of ranks share the
     same slices (reference, policy and critic often all need the whole batch, or the same
-    halves), so each byte enters the object store once per step."""
+    halves). A large slice is `ray.put` once, so each byte enters the object store once per
+    step; a small one (< INLINE_BYTES) goes inline with each call."""
 
     def __init__(self, batch: SequenceBatch | Experience) -> None:
         self.batch = batch
@@ -34,27 +46,35 @@ class Scattered:
 
     def parts(self, n: int) -> list:
         if n not in self._parts:
-            self._parts[n] = [ray.put(part) for part in self.batch.split(n)]
+            self._parts[n] = [part if _nbytes(part) < INLINE_BYTES else ray.put(part) for part in self.batch.split(n)]
         return self._parts[n]
 
 
 class LearnerGroup:
-    """N data-parallel DeepSpeed ranks of one role ("policy" or "critic")."""
+    """N data-parallel DeepSpeed ranks of one role ("policy" or "critic"), or the reference.
 
-    def __init__(self, role: str, ranks: list, timeout_s: float) -> None:
+    `aliases` renames methods: a reference held by the policy ranks (reference.colocate) is
+    the policy's actors, whose `reference_logprobs` is the reference's `compute_logprobs`."""
+
+    def __init__(self, role: str, ranks: list, timeout_s: float, aliases: dict[str, str] | None = None) -> None:
         self.role, self.ranks, self.timeout_s = role, ranks, timeout_s
+        self.aliases = dict(aliases or {})
 
     def __len__(self) -> int:
         return len(self.ranks)
 
     def init_process_group(self) -> None:
         """Rank 0 publishes the rendezvous address; every rank joins the DeepSpeed group."""
+        wait_all(self.init_process_group_refs(), self.timeout_s, f"{self.role} init_process_group")
+
+    def init_process_group_refs(self) -> list:
+        """The joins as ObjectRefs, so that several groups build their engines at once."""
         host, port = wait_all(self.ranks[0].master_address.remote(), self.timeout_s, f"{self.role} rank 0 address")
-        refs = [r.init_process_group.remote(host, port, i, len(self.ranks)) for i, r in enumerate(self.ranks)]
-        wait_all(refs, self.timeout_s, f"{self.role} init_process_group")
+        return [r.init_process_group.remote(host, port, i, len(self.ranks)) for i, r in enumerate(self.ranks)]
 
     def forward_refs(self, method: str, batch: Scattered, **kwargs) -> list:
         """Every rank runs `method` on its equal slice (ZeRO-3 needs all ranks in forward)."""
+        method = self.aliases.get(method, method)
         return [getattr(r, method).remote(part, **kwargs) for r, part in zip(self.ranks, batch.parts(len(self)))]
 
     def train_refs(self, minibatches: list[Scattered], **kwargs) -> list[list]:

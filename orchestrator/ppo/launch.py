@@ -8,6 +8,7 @@ On a cluster (join a running Ray cluster; see deploy/):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,12 +25,12 @@ from rlhf.orchestrator.errors import BadInput, TrainingAborted
 from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.ppo.judging import JudgePlan, Selection
 from rlhf.orchestrator.run.logger import RunLogger
-from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources
+from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources, plan_threads, reference_in_policy
 from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
 from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
 from rlhf.orchestrator.run.lock import holds, lock_run_dir
-from rlhf.orchestrator.run.quiet import quiet_driver, quiet_env
+from rlhf.orchestrator.run.quiet import WORKER_LOG, quiet_driver, quiet_env, route_worker_output
 from rlhf.orchestrator.ppo.trainer import kl_abort_reason
 from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 from rlhf.orchestrator.tasks import load_task
@@ -68,8 +69,9 @@ def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]
     return str(model_dir)
 
 
-def start_ray(address: str | None, num_cpus: int) -> None:
-    """Joins `address`, or starts an embedded local Ray on loopback without the dashboard."""
+def start_ray(address: str | None, num_cpus: int, run_dir: Path | None = None) -> None:
+    """Joins `address`, or starts an embedded local Ray on loopback without the dashboard; a
+    local one writes its workers' output to RUN_DIR/logs/ray-workers.log (run/quiet.py)."""
     if ray.is_initialized():
         return
     if address:
@@ -79,9 +81,11 @@ def start_ray(address: str | None, num_cpus: int) -> None:
         env = quiet_env()
         quiet_driver()
         ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True,
+                 _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
                  runtime_env={"worker_process_setup_hook": "rlhf.orchestrator.run.quiet.quiet_worker",
                               "env_vars": env})
+        if run_dir is not None and route_worker_output(Path(run_dir) / WORKER_LOG):
+            print(f"ray: local cluster started; worker output in {Path(run_dir) / WORKER_LOG}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -173,14 +177,17 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     engine_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
     reward_restart = dict(max_restarts=cfg.rollout.max_restarts, max_task_retries=cfg.rollout.max_restarts)
 
+    threads = plan_threads(cfg, os.cpu_count() or 1)  # each phase's actors share the cores
     engine_cls = rollout_engine_class(cfg.rollout.backend)
+    engine_threads = {"num_threads": threads.rollout} if cfg.rollout.backend == "hf" else {}  # vLLM binds its own
     engines = [remote(engine_cls, "rollout", i, **engine_restart).remote(
         model_path=paths.policy, dtype=cfg.model.dtype,
         max_model_len=max_sequence_tokens(cfg), seed=cfg.seed + i,
         kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        enforce_eager=cfg.placement.gpus_per_node == 0, **_tools_kwarg(cfg))  # CUDA graphs only pay off on GPUs
-        for i in range(cfg.rollout.engines)]
+        enforce_eager=cfg.placement.gpus_per_node == 0,  # CUDA graphs only pay off on GPUs
+        **engine_threads, **_tools_kwarg(cfg)) for i in range(cfg.rollout.engines)]
+    in_policy = reference_in_policy(cfg)
 
     def learner_args(section, model_path: str, seed_offset: int) -> LearnerArgs:
         role = "policy" if section is cfg.policy else "critic"
@@ -190,7 +197,9 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
                            seed=cfg.seed + seed_offset, temperature=cfg.rollout.temperature,
                            backend="nccl" if cfg.placement.gpus_per_node else "gloo", offload=section.offload,
                            gradient_checkpointing=section.gradient_checkpointing, packing=cfg.model.packing,
-                           lora=LoraArgs.from_config(section.lora, f"{role}.lora"))
+                           lora=LoraArgs.from_config(section.lora, f"{role}.lora"),
+                           num_threads=threads.forward, train_threads=threads.train,
+                           reference_path=paths.reference if in_policy and role == "policy" else None)
 
     policy = LearnerGroup("policy", [remote(PolicyLearner, "policy", i).remote(learner_args(cfg.policy, paths.policy, 0))
                                      for i in range(cfg.policy.num_ranks)], timeout_s)
@@ -199,11 +208,14 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
         critic = LearnerGroup("critic", [remote(CriticLearner, "critic", i).remote(learner_args(cfg.critic, paths.critic, 1))
                                          for i in range(cfg.critic.num_ranks)], timeout_s)
     ref = cfg.reference  # ZeRO-3 ranks partition the model and join a process group below
-    reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", i).remote(
-        model_path=paths.reference, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size,
-        zero_stage=ref.zero_stage, offload=ref.offload, backend="nccl" if cfg.placement.gpus_per_node else "gloo",
-        packing=cfg.model.packing)
-        for i in range(ref.num_ranks)], timeout_s)
+    if in_policy:  # each policy rank holds the reference too: no actors, no object-store hop
+        reference = LearnerGroup("reference", policy.ranks, timeout_s, aliases={"compute_logprobs": "reference_logprobs"})
+    else:
+        reference = LearnerGroup("reference", [remote(ReferenceModel, "reference", i).remote(
+            model_path=paths.reference, dtype=cfg.model.dtype, micro_batch_size=cfg.ppo.micro_batch_size,
+            zero_stage=ref.zero_stage, offload=ref.offload, backend="nccl" if cfg.placement.gpus_per_node else "gloo",
+            packing=cfg.model.packing, num_threads=threads.forward)
+            for i in range(ref.num_ranks)], timeout_s)
     # A reward model gets its own placement; rule-based functions are cheap Python and
     # need no reserved resources.
     reward_cls = (remote(RewardScorer, "reward", 0, **reward_restart) if cfg.model.reward
@@ -212,13 +224,14 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
                                model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
                                clip=cfg.reward.clip, dtype=cfg.model.dtype,
                                forbidden_phrases=list(cfg.reward.forbidden_phrases), evidence=evidence_spec(cfg),
-                               rule_model_path=cfg.model.rule_reward, rule_weights=dict(cfg.rule_rm.weights))
+                               rule_model_path=cfg.model.rule_reward, rule_weights=dict(cfg.rule_rm.weights),
+                               num_threads=threads.forward)
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
-    actors = engines + policy.ranks + reference.ranks + [reward] + (critic.ranks if critic else [])
+    actors = engines + policy.ranks + ([] if in_policy else reference.ranks) + [reward] + (critic.ranks if critic else [])
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")
-    for group in (policy, critic, reference if ref.zero_stage == 3 else None):
-        if group is not None:
-            group.init_process_group()
+    groups = [g for g in (policy, critic, reference if ref.zero_stage == 3 and not in_policy else None) if g is not None]
+    wait_all([r for g in groups for r in g.init_process_group_refs()], timeout_s,
+             "init_process_group (" + ", ".join(g.role for g in groups) + ")")  # DeepSpeed engines, all at once
     rollout = RolloutGroup(engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size, timeout_s=timeout_s)
     sync = make_weight_sync(cfg.sync.backend, policy, rollout, cfg.sync.bucket_mb, timeout_s)
     rollout.on_engine_restart = sync.resync  # a restarted engine holds the initial weights
@@ -289,7 +302,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
         if demos is not None:
             ptx_rows = encode_dialogues(tokenizer, demos, cfg.sft.max_tokens).rows
-        start_ray(address, int(plan.total("CPU")))
+        start_ray(address, int(plan.total("CPU")), out)
         pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
     except BadInput:
         if created and holds(out):  # nothing half-written: the folder this call made goes again
@@ -355,17 +368,20 @@ def restore_checkpoint(session: PPOSession, ckpts: CheckpointManager, timeout_s:
 
 def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = None,
             address: str | None = None, timeout_s: float = 600.0, reference: str | None = None,
-            resume: bool = False, judge: JudgePlan | None = None) -> dict:
+            resume: bool = False, judge: JudgePlan | None = None, started_at: float | None = None) -> dict:
     """`rlhf ppo`: the steps with a progress bar, metrics to the logger, a resumable checkpoint
     every checkpoint.every steps and at the end, the final policy saved as an HF folder.
     `resume`: continue after the latest complete checkpoint in `out_dir` (fresh if none).
     `judge` (the pipeline's guard against over-optimisation, ppo/judging.py): score a held-out
     sample before step 1 and every `judge.every` steps, keep the best step's policy in
     checkpoints/best/policy, stop early after `judge.patience` evaluations below the best; the
-    returned `policy_dir` is then the selected policy (the starting one if no step beat it)."""
+    returned `policy_dir` is then the selected policy (the starting one if no step beat it).
+    `started_at` (time.time()): when the command started, for `startup_s` (default: now), the
+    seconds until the first step starts, printed in the summary and returned."""
     from tqdm import tqdm
 
-    started = time.perf_counter()
+    started = time.time() if started_at is None else started_at
+    startup_s = None
     session = start_ppo(cfg, out_dir, address, timeout_s, reference=reference, resume=resume)
     steps = min(cfg.ppo.steps, max_steps) if max_steps else cfg.ppo.steps
     ckpts = CheckpointManager(session.out / "checkpoints", cfg.checkpoint.keep)
@@ -387,7 +403,11 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
             # The next step's prompts are drawn now: with rollout.overlap they are generated
             # while this step trains. (Draw order is the same either way: resume relies on it.)
             upcoming = next(session.batches) if step < steps else None
+            if startup_s is None:
+                startup_s = time.time() - started
             metrics = session.trainer.step(step, batch, next_prompt_index=upcoming)
+            if step == done + 1:
+                metrics["run/startup_s"] = startup_s
             batch = upcoming
             metrics["data/prompts_truncated"] = session.prompts.truncated
             metrics["data/prompts_rejected"] = session.prompts.rejected
@@ -405,6 +425,7 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
             if stopped or step == steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save_checkpoint(session, ckpts, step, timeout_s)
             if stopped:
+                bar.close()  # the line below, not over the bar
                 print(f"ppo: stopping early after step {step}: the judge's held-out score stayed below its best "
                       f"({selection.best_score:.3f} at step {selection.best_step}) for {judge.patience} evaluations")
                 break
@@ -419,11 +440,11 @@ def run_ppo(cfg: ExperimentConfig, out_dir: str | Path, max_steps: int | None = 
     if judge and judge.select == "best":
         selected = selection.best_step
         chosen = best_dir if selected > 0 else Path(session.policy_path)
-    print(f"ppo done: {last['step']} steps in {time.perf_counter() - started:.0f}s; reward/mean "
+    print(f"ppo done: {last['step']} steps in {time.time() - started:.0f}s (start-up {startup_s or 0:.1f}s); reward/mean "
           f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}, kl/mean {last['kl/mean']:.3f}; "
           + (f"judge {selection.history[0][1]:.3f} -> best {selection.best_score:.3f} at step {selected}; "
              if selection else "") + f"policy in {chosen}")
-    return {"history": history, "policy_dir": chosen, "out": session.out, "selected_step": selected,
+    return {"history": history, "policy_dir": chosen, "out": session.out, "selected_step": selected, "startup_s": startup_s,
             "stopped_early": stopped is not None, "last_policy_dir": policy_dir}
 
 

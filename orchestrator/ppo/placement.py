@@ -13,7 +13,8 @@ Roles and what each actor asks for (one actor per engine / rank / model):
     policy     policy.num_ranks ranks, 1 GPU each
     critic     critic.num_ranks ranks, 1 GPU each; only with ppo.advantage=gae
     reference  reference.num_ranks ranks, 1 GPU each (whole-model replicas, or ZeRO-3
-               partitions with reference.zero_stage=3)
+               partitions with reference.zero_stage=3); none with reference.colocate
+               (the default on CPU runs: each policy rank holds the reference too)
     reward     1 actor, 1 GPU; only when model.reward is set (rule-based rewards are
                scored in the driver, on CPU, and need no placement)
 
@@ -140,12 +141,60 @@ def _round(x: float) -> float:
 # --------------------------------------------------------------------------- planning
 
 
+def reference_in_policy(cfg: ExperimentConfig) -> bool:
+    """reference.colocate: whether each policy rank's process also holds the frozen reference.
+
+    auto: on CPU runs, where the reference would otherwise be one more process competing for
+    the same few cores, and only when it can mirror the policy ranks (as many ranks, whole
+    model each: zero_stage 0). The config check rejects `true` where it cannot."""
+    ref = cfg.reference
+    if ref.colocate == "auto":
+        return cfg.placement.gpus_per_node == 0 and ref.zero_stage == 0 and ref.num_ranks == cfg.policy.num_ranks
+    return bool(ref.colocate)
+
+
+@dataclass(frozen=True)
+class Threads:
+    """torch intra-op threads per role and phase (CPU runs; on GPUs the device computes)."""
+
+    rollout: int = 1
+    train: int = 1     # policy and critic ranks during the PPO update
+    forward: int = 1   # learners, reference and reward model during the experience phase
+
+
+def plan_threads(cfg: ExperimentConfig, cores: int) -> Threads:
+    """Phases run one after another, so each phase's actors share the machine's `cores`.
+
+    generate: the engines (with rollout.overlap, beside the training ranks); train: policy and
+    critic ranks; experience: the reference, the policy (old log-probs) and critic (values) and
+    a reward model, one process each (a colocated reference shares the policy's). An actor
+    that computes alone gets every core; placement.cpu_threads fixes the count instead."""
+    if cfg.placement.gpus_per_node:
+        return Threads()
+    if cfg.placement.cpu_threads:
+        n = cfg.placement.cpu_threads
+        return Threads(n, n, n)
+    critic = cfg.critic.num_ranks if cfg.ppo.advantage == "gae" else 0
+    policy, engines = cfg.policy.num_ranks, cfg.rollout.engines
+    overlap = cfg.rollout.overlap
+    trainers = policy + critic + (engines if overlap else 0)
+    in_policy = reference_in_policy(cfg)
+    forwarders = (critic + (1 if cfg.model.reward or cfg.model.rule_reward else 0)
+                  + (0 if in_policy else cfg.reference.num_ranks)
+                  + (policy if in_policy or cfg.ppo.old_logprobs == "learner" else 0))
+    share = lambda k: max(1, cores // max(k, 1))  # noqa: E731
+    return Threads(rollout=share(trainers if overlap else engines), train=share(trainers),
+                   forward=share(forwarders))
+
+
 def _actor_counts(cfg: ExperimentConfig) -> dict[str, int]:
-    """Actors per role, in ROLE_ORDER, for the roles this run has."""
+    """Actors per role, in ROLE_ORDER, for the roles this run has (a reference inside the
+    policy ranks has no actors of its own)."""
     counts = {"rollout": cfg.rollout.engines, "policy": cfg.policy.num_ranks}
     if cfg.ppo.advantage == "gae":
         counts["critic"] = cfg.critic.num_ranks
-    counts["reference"] = cfg.reference.num_ranks
+    if not reference_in_policy(cfg):
+        counts["reference"] = cfg.reference.num_ranks
     if cfg.model.reward is not None:
         counts["reward"] = 1
     return counts

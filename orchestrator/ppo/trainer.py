@@ -110,6 +110,7 @@ class PPOTrainer:
         # rollout.overlap: the next step's generation runs in this thread while the learners train.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.rollout.overlap else None
         self._pending: tuple[int, Future] | None = None
+        self.old_logprobs = cfg.ppo.old_logprobs  # "sampler" falls back to "learner" (_check_sampler_gap)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -120,7 +121,7 @@ class PPOTrainer:
         version, internal, gauss = self.rng.getstate()
         return {"kl_ctl": self.kl_ctl.state_dict(), "rng": [version, list(internal), gauss],
                 "nonfinite": dict(self.nonfinite), "reward_restarts": self.reward_restarts,
-                "rollout_restarts": self.roles.rollout.restarts}
+                "rollout_restarts": self.roles.rollout.restarts, "old_logprobs": self.old_logprobs}
 
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -129,6 +130,7 @@ class PPOTrainer:
         self.nonfinite = dict(state["nonfinite"])
         self.reward_restarts = state["reward_restarts"]
         self.roles.rollout.restarts = state["rollout_restarts"]
+        self.old_logprobs = state.get("old_logprobs", self.cfg.ppo.old_logprobs)
 
     def _generate(self, step: int, prompt_index: list[int]):
         cfg, n = self.cfg, self.cfg.rollout.n_samples
@@ -155,22 +157,25 @@ class PPOTrainer:
                 samples = self._generate(step, prompt_index)
             self._pending = None
 
-        # 2. Experience: score, reference log-probs, values and the learner's own old
-        #    log-probs are independent, so all four run at once; the driver waits once.
+        # 2. Experience: score, reference log-probs, values and the old log-probs are
+        #    independent, so all run at once; the driver waits once. The old log-probs are
+        #    the learner's forward, or (ppo.old_logprobs=sampler) the engines' own.
         with timer("experience"):
             batch = to_sequence_batch(samples, self.pad_id)
             mask, scattered = batch.action_mask, Scattered(batch)
             refs = {"score": [roles.reward.score.remote(samples, self._messages_ref)],
                     "ref": roles.reference.forward_refs("compute_logprobs", scattered,
-                                                        temperature=cfg.rollout.temperature),
-                    "old": roles.policy.forward_refs("compute_logprobs", scattered)}
+                                                        temperature=cfg.rollout.temperature)}
+            if self.old_logprobs == "learner":
+                refs["old"] = roles.policy.forward_refs("compute_logprobs", scattered)
             if use_critic:
                 refs["values"] = roles.critic.forward_refs("compute_values", scattered)
             flat = [r for group in refs.values() for r in group]
             got = iter(wait_all(flat, self.timeout_s, "experience (reward, reference, policy, critic forward)"))
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
             scores = results["score"][0]
-            old_logp, ref_logp = torch.cat(results["old"]), torch.cat(results["ref"])
+            ref_logp = torch.cat(results["ref"])
+            old_logp = torch.cat(results["old"]) if "old" in results else sampler_logprobs(samples, mask)
             values = torch.cat(results["values"]) * mask if use_critic else None
 
             # 3. KL-shaped rewards and advantages (pure functions, orchestrator/rl/).
@@ -191,11 +196,15 @@ class PPOTrainer:
                 # the next batch now and get the new weights once both are done (below).
                 self._pending = (step + 1, self._pool.submit(self._generate, step + 1, next_prompt_index))
             policy_refs, critic_refs = [], []
-            for _ in range(cfg.ppo.epochs):
+            for epoch in range(cfg.ppo.epochs):
                 minibatches = [Scattered(mb) for mb in self._minibatches(exp)]
-                policy_refs += roles.policy.train_refs(
-                    minibatches, clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip,
-                    entropy_coef=cfg.ppo.entropy_coef, loss_agg=cfg.ppo.loss_agg)
+                # With sampler old log-probs, the first mini-batch also measures their gap to the
+                # learner's own, before the first optimizer step (the guard, below).
+                guard = self.old_logprobs == "sampler" and epoch == 0
+                for i, mb in enumerate(minibatches):
+                    policy_refs += roles.policy.train_refs(
+                        [mb], clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
+                        loss_agg=cfg.ppo.loss_agg, **({"measure_gap": True} if guard and i == 0 else {}))
                 if use_critic:
                     critic_refs += roles.critic.train_refs(minibatches, value_clip=cfg.ppo.value_clip,
                                                            loss_agg=cfg.ppo.loss_agg)
@@ -212,13 +221,33 @@ class PPOTrainer:
         with timer("weight_sync"):
             sync = roles.sync.sync()
 
+        gap = self._check_sampler_gap(step, stats[:len(roles.policy)])
         kl_per_seq = masked_sum(adv.kl, mask, dim=1)
         self.kl_ctl.update(float(kl_per_seq.mean()), len(samples))
         self._count_reward_restart(scores.scorer)
         metrics = self._metrics(step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer)
+        metrics["ppo/old_logprobs_from_sampler"] = float(gap is not None)
+        if gap is not None:  # sampler old log-probs: the gap the first mini-batch measured
+            metrics["rollout/logprob_gap"] = gap
         metrics.update({"train/nonfinite_skips": skipped, "train/nonfinite_skips_total": self.nonfinite["total"],
                         "ray/actor_restarts": roles.rollout.restarts + self.reward_restarts})
         return metrics
+
+    def _check_sampler_gap(self, step: int, first_stats: list[dict]) -> float | None:
+        """ppo.old_logprobs=sampler's guard: the mean |learner - sampler| log-prob gap of the
+        first mini-batch (every rank's), or None with learner old log-probs. Above
+        ppo.old_logprobs_max_gap the engines do not compute what the learner does (bf16
+        kernels, top_p, a stale sync), and the run uses the learner's forward from now on."""
+        gaps = [s["policy/old_logprob_gap"] for s in first_stats if "policy/old_logprob_gap" in s]
+        if not gaps:
+            return None
+        gap = sum(gaps) / len(gaps)
+        if not gap <= self.cfg.ppo.old_logprobs_max_gap:
+            self.old_logprobs = "learner"
+            print(f"ppo step {step}: the engines' log-probs differ from the learner's by {gap:.2e} per token "
+                  f"(ppo.old_logprobs_max_gap = {self.cfg.ppo.old_logprobs_max_gap:g}); using the learner's "
+                  "forward for the old log-probs from the next step on")
+        return gap
 
     def _count_nonfinite(self, policy_stats: list[dict], critic_stats: list[dict]) -> int:
         """Updates skipped this step (every rank skips together, so rank 0's stats tell);

@@ -93,7 +93,7 @@ def run_compare(cfg: ExperimentConfig, methods: list[str], out_dir: str | Path, 
         raise BadInput(f"output folder {out} holds a comparison run; pass --resume to continue it or choose another --out")
     out = prepare_run_dir(out, cfg)
     state = PipelineState.load(out / STATE_FILE)
-    start_ray(address, int(plan_resources(ppo_stage_config(cfg, "policy", "reward-model")).total("CPU")))
+    start_ray(address, int(plan_resources(ppo_stage_config(cfg, "policy", "reward-model")).total("CPU")), out)
     base = resolve_policy(cfg, out, inputs.sft + inputs.prompts)
     if not state.done("sft"):
         result = run_sft(cfg, base, out / "sft", max_steps=max_steps)

@@ -235,7 +235,7 @@ def run_dpo_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model} has no chat template")
         comparisons = preference_comparisons(pairs, tokenizer, turn_end_ids(model, tokenizer)) + stored
-        start_ray(address, cfg.dpo.num_workers + 1)
+        start_ray(address, cfg.dpo.num_workers + 1, out)
         result = run_dpo(cfg, model, comparisons, out / "dpo", max_steps=max_steps)
     except BadInput:
         if created and holds(out):  # nothing half-written: the folder this call made goes again

@@ -114,7 +114,7 @@ def run_sft_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | Non
     check_all_lora_targets(cfg, Path(out_dir))  # so do LoRA targets that match no layer
     out = prepare_run_dir(out_dir, cfg)
     base = resolve_policy(cfg, out, dialogues)
-    start_ray(address, cfg.sft.num_workers + 1)
+    start_ray(address, cfg.sft.num_workers + 1, out)
     result = run_sft(cfg, base, out / "sft", max_steps=max_steps)
     print(f"sft done: {result.steps} steps, final loss {result.final_loss:.3f}; model in {result.checkpoint}")
     return result
@@ -233,7 +233,7 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
             _wait_for_people(store, waiting, cfg.labeler.min_ranked, out, just_collected=False)
     started = time.perf_counter()
     # Sized for the largest stage: PPO with its reward-model actor.
-    start_ray(address, int(plan_resources(ppo_stage_config(cfg, "policy", "reward-model")).total("CPU")))
+    start_ray(address, int(plan_resources(ppo_stage_config(cfg, "policy", "reward-model")).total("CPU")), out)
     with MemoryWatcher() as memory:
         base = resolve_policy(cfg, out, inputs.sft + inputs.prompts)
         if not state.done("sft"):
@@ -259,6 +259,8 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                     store.delete_round(r)  # a crash mid-collection leaves a partial round
                     n = collect_round(cfg, r, policy, inputs.prompts, store, inputs.labeler, tokenizer)
                     state.mark(f"round{r}/comparisons", count=n, policy=policy, ranked=inputs.labeler is not None)
+                    print(f"round {r} comparisons: {n} collected, {cfg.rm.replies_per_prompt} replies per prompt "
+                          f"(labeler {cfg.labeler.kind})", flush=True)
                 if inputs.labeler is None and not _wait_for_people(store, r, cfg.labeler.min_ranked, out, collected):
                     return {"waiting_for_ranking": r}
                 comparisons = store.load()
@@ -266,6 +268,8 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 rm = run_rm(cfg, sft, comparisons, demos, sft, rd / "rm", max_steps=max_steps)
                 state.mark(f"round{r}/rm", checkpoint=rm.checkpoint, accuracy=rm.heldout_accuracy,
                            comparisons=len(comparisons))
+                print(f"round {r} reward model: held-out accuracy {_pct(rm.heldout_accuracy)} on {len(comparisons)} "
+                      f"comparisons; model in {rm.checkpoint}", flush=True)
             rm_stage = state.stages.get(f"round{r}/rm", {"checkpoint": None, "accuracy": None})
             if cfg.rule_rm.enabled and cfg.pipeline.method == "ppo" and not state.done(f"round{r}/rule_rm"):
                 state.mark(f"round{r}/rule_rm", **rule_rm_round(cfg, inputs, out, sft, rd, max_steps))
@@ -288,6 +292,8 @@ def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
                 rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
                 write_round_report(rd, r, rows, ev, samples, method=cfg.pipeline.method)
                 state.mark(f"round{r}/eval", **ev)
+                print(f"round {r} eval: win rate vs SFT {ev['win_rate_vs_sft']:.0%}, judge score "
+                      f"{ev['labeler_score/sft']:.2f} -> {ev['labeler_score/final']:.2f}; report in {rd}", flush=True)
                 if best["score"] is None:
                     best["score"] = ev["labeler_score/sft"]
                 if cfg.pipeline.select == "last" or ev["labeler_score/final"] > best["score"]:

@@ -170,7 +170,7 @@ def run_rule_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str |
         sft = out / "sft" / "checkpoint"
         model = str(sft) if is_model_dir(sft) else resolve_policy(
             cfg, out, [e.messages + [{"role": "assistant", "content": e.reply}] for e in examples])
-        start_ray(address, cfg.rule_rm.num_workers + 1)
+        start_ray(address, cfg.rule_rm.num_workers + 1, out)
         result = run_rule_rm(cfg, model, examples, rules, out / "rule_rm", max_steps=max_steps)
     except BadInput:
         if created and holds(out):  # nothing half-written: the folder this call made goes again

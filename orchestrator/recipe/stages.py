@@ -105,7 +105,7 @@ def run_rm_stage(cfg: ExperimentConfig, out_dir: str | Path, address: str | None
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model} has no chat template")
         comparisons = preference_comparisons(pairs, tokenizer, turn_end_ids(model, tokenizer)) + stored
-        start_ray(address, cfg.rm.num_workers + 1)
+        start_ray(address, cfg.rm.num_workers + 1, out)
         result = run_rm(cfg, model, comparisons, demonstrations=None, tokenizer_path=model,
                         out_dir=out / "rm", max_steps=max_steps)
     except BadInput:

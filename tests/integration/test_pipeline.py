@@ -71,6 +71,20 @@ def test_every_stage_leaves_its_artefacts(run):
     assert ppo_rows[0] == {"step": 0, "eval/labeler_score": ppo_rows[0]["eval/labeler_score"]}
 
 
+def test_worker_output_goes_to_the_run_folder_not_the_terminal(run):
+    """vLLM's, DeepSpeed's and Ray Train's start-up lines land in DIR/logs/ray-workers.log
+    (run/quiet.py); the terminal keeps the stage lines."""
+    out, proc = run
+    log = (out / "logs" / "ray-workers.log").read_text()
+    assert "(RolloutEngine pid=" in log and "(RayTrainWorker pid=" in log and "(PolicyLearner pid=" in log
+    printed = proc.stdout + proc.stderr
+    for noise in ("Triton is installed", "Setting accelerator to CPU", "built successfully", "Requesting resources",
+                  "Token authentication is enabled", "token log-probs: backend"):
+        assert noise not in printed, noise
+    assert "Triton is installed" in log  # the same lines, kept for whoever looks
+    assert "worker output in" in proc.stdout and "round 1 reward model: held-out accuracy" in proc.stdout
+
+
 def test_evidence_corpus_rule_rm_rewards_and_rates(run):
     """The evidence parts: the task's corpus written and indexed once, the rule RM trained and in the
     PPO reward, the evidence rewards and metrics logged, the held-out Sparrow rates printed."""

@@ -58,6 +58,7 @@ def test_ppo_tiny_grpo_with_overlapped_generation_learns(tmp_path):
     """Critic-free, and the engines generate step k+1 while step k trains (rollout.overlap):
     one step off-policy, corrected by importance weights; measured 0.025 -> 0.618 in 30 steps
     (0.661 without overlap)."""
-    rows = _run(tmp_path / "grpo", "ppo.advantage=grpo", "ppo.steps=30", "rollout.overlap=true")
+    rows = _run(tmp_path / "grpo", "ppo.advantage=grpo", "ppo.steps=30", "rollout.overlap=true",
+                "ppo.old_logprobs=learner")  # overlap samples one step behind: the learner's forward
     assert "critic/loss" not in rows[0]
     _assert_learns(rows, steps=30, overlapped=True)

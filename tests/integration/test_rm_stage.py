@@ -99,7 +99,7 @@ def test_comparisons_from_files_and_the_store(data, tmp_path, monkeypatch):
         return rm.RMResult(str(out_dir), 1.0, 1.0, 0.0, "best_replies", 3, 9, 1)
 
     monkeypatch.setattr(rm, "run_rm", fake_run_rm)
-    monkeypatch.setattr(stages, "start_ray", lambda address, num_cpus: None)
+    monkeypatch.setattr(stages, "start_ray", lambda address, num_cpus, run_dir=None: None)
     out = tmp_path / "run"
     prompt = [{"role": "user", "content": "What is 1 + 1?"}]
     with ComparisonStore(out / "comparisons.sqlite") as store:

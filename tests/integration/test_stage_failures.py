@@ -63,6 +63,10 @@ def test_reward_model_worker_failure_is_one_line_exit_1(models, tmp_path):
                          capture_output=True, text=True, timeout=600)
     line = _check_one_line(run, "reward-model worker (rank 0) failed: SafetensorError")
     assert "\n" not in line and not (tmp_path / "rm" / ".lock").exists()
+    # The worker's traceback is in the run folder's worker log, not on the terminal (run/quiet.py).
+    assert "pid=" not in run.stdout + run.stderr, run.stderr[-3000:]
+    log = (tmp_path / "rm" / "logs" / "ray-workers.log").read_text()
+    assert "(RayTrainWorker pid=" in log and "SafetensorError" in log
 
 
 def test_eval_failure_is_one_line_exit_1(models, tmp_path):

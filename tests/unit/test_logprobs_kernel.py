@@ -194,12 +194,20 @@ def test_select_backend(caplog, monkeypatch):
     assert select_backend("reference") is token_logprobs
     assert select_backend("reference", "cuda") is token_logprobs  # no device check for the reference
     lp_mod._log_choice.cache_clear()
-    with caplog.at_level(logging.WARNING, logger=lp_mod.__name__):
+    with caplog.at_level(logging.INFO, logger=lp_mod.__name__):
         assert select_backend("auto", "cpu") is token_logprobs
         assert select_backend("auto", torch.device("cpu")) is token_logprobs
+    chosen = [r for r in caplog.records if "Triton" in r.getMessage()]
+    assert len(chosen) == 1, "the choice must be logged, once"
+    assert "reference" in chosen[0].getMessage()
+    assert chosen[0].levelno == logging.INFO  # on a CPU "auto" means the reference: the plan, not a fallback
+    caplog.clear()
+    monkeypatch.setattr(lp_mod, "triton_unavailable_reason", lambda device: "triton is not installed")
+    with caplog.at_level(logging.INFO, logger=lp_mod.__name__):
+        assert select_backend("auto", "cuda") is token_logprobs  # a CUDA device without the kernel: a fallback
     fallback = [r for r in caplog.records if "Triton" in r.getMessage()]
-    assert len(fallback) == 1, "the fallback must be logged, once"
-    assert "reference" in fallback[0].getMessage()
+    assert len(fallback) == 1 and fallback[0].levelno == logging.WARNING
+    assert "triton is not installed" in fallback[0].getMessage()
     with pytest.raises(RuntimeError, match="triton"):
         select_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown"):

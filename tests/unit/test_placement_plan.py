@@ -5,7 +5,7 @@ import pytest
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.ppo.placement import Slot, plan_resources, preflight
+from rlhf.orchestrator.ppo.placement import Slot, Threads, plan_resources, plan_threads, preflight
 
 
 def plan(**sections):
@@ -22,7 +22,7 @@ DISAGG = dict(placement={"gpus_per_node": 8}, rollout={"engines": 4, "tensor_par
 
 
 def test_cpu_plan_one_cpu_bundle_per_actor_no_critic_without_gae():
-    p = plan(ppo={"advantage": "grpo"}, rollout={"engines": 2, "n_samples": 2})
+    p = plan(ppo={"advantage": "grpo"}, rollout={"engines": 2, "n_samples": 2}, reference={"colocate": False})
     assert p.mode == "cpu" and p.role_names == ("rollout", "policy", "reference")
     assert [(r.count, r.num_cpus, r.num_gpus) for r in p.roles] == [(2, 1, 0), (1, 1, 0), (1, 1, 0)]
     (group,) = p.groups
@@ -32,6 +32,31 @@ def test_cpu_plan_one_cpu_bundle_per_actor_no_critic_without_gae():
     assert p.total("CPU") == 4 and p.total("GPU") == 0
     with pytest.raises(KeyError, match="critic"):
         p.role("critic")
+
+
+def test_reference_inside_the_policy_ranks_on_cpu_by_default():
+    assert plan().role_names == ("rollout", "policy", "critic")  # auto on CPU: no reference actor
+    assert plan(reference={"num_ranks": 2}).role("reference").count == 2  # cannot mirror 1 policy rank
+    assert plan(reference={"zero_stage": 3}).role("reference").count == 1
+    assert "reference" in plan(**DISAGG).role_names  # auto: CPU runs only
+    assert "reference" not in plan(**DISAGG, reference={"colocate": True, "num_ranks": 4}).role_names
+
+
+@pytest.mark.parametrize("sections, expected", [
+    # grpo, reference in the policy, sampler old log-probs: every phase has one process computing
+    (dict(ppo={"advantage": "grpo", "old_logprobs": "sampler"}, rollout={"n_samples": 2}), Threads(4, 4, 4)),
+    # gae: policy and critic train at once; experience runs policy (reference) and critic
+    (dict(), Threads(4, 2, 2)),
+    # a reward model and a separate reference share the experience phase with the policy
+    (dict(model={"reward": "rm"}, reference={"colocate": False}, ppo={"advantage": "grpo"},
+          rollout={"n_samples": 2}), Threads(4, 4, 1)),
+    # rollout.overlap: the engine generates while the policy trains
+    (dict(ppo={"advantage": "grpo"}, rollout={"n_samples": 2, "overlap": True}), Threads(2, 2, 4)),
+    (dict(placement={"cpu_threads": 3}), Threads(3, 3, 3)),
+    (dict(placement={"gpus_per_node": 8}), Threads(1, 1, 1)),
+])
+def test_threads_share_the_cores_among_the_actors_of_each_phase(sections, expected):
+    assert plan_threads(build_config(sections), cores=4) == expected
 
 
 def test_reward_role_only_with_reward_model():
@@ -120,7 +145,7 @@ def test_preflight_names_needed_vs_available_gpus():
 
 def test_preflight_checks_cpus_and_colocated_totals():
     with pytest.raises(BadInput, match=r"needs 4 CPU for rollout\(1\) \+ policy\(1\) .*cluster has 2 CPU \(1 node\)"):
-        preflight(plan(), nodes(1, 2, 0))
+        preflight(plan(reference={"colocate": False}), nodes(1, 2, 0))
     colo = plan(placement={"gpus_per_node": 4, "mode": "colocated"}, rollout={"engines": 4},
                 policy={"num_ranks": 4}, ppo={"micro_batch_size": 2})
     with pytest.raises(BadInput, match=r"needs 4 GPU for colocated rollout\(4x0.25\) .* on 4 shared GPU, "

@@ -247,7 +247,8 @@ def test_unknown_model_is_exit_2_naming_the_key(capsys):
 def test_tiny_cpu_config_plans_on_this_machine(capsys):
     code, out, err = run(capsys, ROOT / "configs" / "ppo-tiny.yaml")
     assert code == 0, err
-    assert "cluster: this machine" in out and "CPU: rollout[0], policy[0], critic[0], reference[0]" in out
+    assert "cluster: this machine" in out and "CPU: rollout[0], policy[0], critic[0]" in out
+    assert "holds the reference (reference.colocate)" in out  # auto on CPU: no reference actor
 
 
 # --------------------------------------------------------------------------- reference section

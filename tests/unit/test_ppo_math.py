@@ -78,3 +78,25 @@ def test_kl_guard_stops_only_past_ppo_abort_kl():
     assert kl_abort_reason(2, float("nan"), 50.0, 1e-3) is None  # the non-finite guard's business
     assert "reached inf nats" in kl_abort_reason(3, float("inf"), 50.0, 1e-5)
     assert "(now 1e-05)" in kl_abort_reason(3, 51.0, 50.0, 1e-5)
+
+
+def test_sampler_old_logprobs_fall_back_to_the_learner_past_the_gap(capsys):
+    """ppo.old_logprobs=sampler: the first mini-batch's measured gap (mean over ranks) decides;
+    past ppo.old_logprobs_max_gap the run uses the learner's forward from the next step on."""
+    from types import SimpleNamespace
+
+    from rlhf.orchestrator.config import build_config
+    from rlhf.orchestrator.ppo.trainer import PPOTrainer
+
+    cfg = build_config({"ppo": {"old_logprobs": "sampler", "old_logprobs_max_gap": 1e-3}})
+    trainer = SimpleNamespace(cfg=cfg, old_logprobs="sampler")
+    check = PPOTrainer._check_sampler_gap
+    assert check(trainer, 1, [{"policy/old_logprob_gap": 2e-7}, {"policy/old_logprob_gap": 4e-7}]) == pytest.approx(3e-7)
+    assert trainer.old_logprobs == "sampler" and capsys.readouterr().out == ""
+    assert check(trainer, 2, [{"policy/old_logprob_gap": 1e-4}, {"policy/old_logprob_gap": 3e-3}]) == pytest.approx(1.55e-3)
+    assert trainer.old_logprobs == "learner"
+    assert "ppo step 2: the engines' log-probs differ from the learner's by 1.55e-03" in capsys.readouterr().out
+    assert check(trainer, 3, [{"policy/loss": 0.1}]) is None  # learner old log-probs: nothing measured
+    nan = SimpleNamespace(cfg=cfg, old_logprobs="sampler")
+    check(nan, 1, [{"policy/old_logprob_gap": float("nan")}])
+    assert nan.old_logprobs == "learner"  # a NaN gap is no evidence the engines agree
