@@ -269,9 +269,13 @@ class LearnerRank(WeightExport):
         with torch_threads(self.args.num_threads):
             for sl in self._micro_slices(len(batch)):
                 mb = _seq_to(batch.select(sl).trimmed(), self.device)
-                per_token = self.engine(mb.input_ids, mb.attention_mask)
+                per_token = self._token_forward(mb)
                 out[sl, : per_token.shape[1]] = per_token.float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
+
+    def _token_forward(self, mb: SequenceBatch) -> Tensor:
+        return self.engine(mb.input_ids, mb.attention_mask)
+
 
 class _PolicyLogprobs(nn.Module):
     """The policy engine's module: forward returns token log-probs, not logits.
@@ -285,9 +289,11 @@ class _PolicyLogprobs(nn.Module):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, with_entropy: bool = False):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, with_entropy: bool = False,
+                positions: Tensor | None = None):
         batch = SequenceBatch(input_ids, attention_mask, attention_mask[:, 1:])
-        return sequence_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy)
+        return sequence_logprobs(self.model, batch, self.temperature, self.chunk_size, with_entropy,
+                                 positions=positions)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.model.gradient_checkpointing_enable(**kwargs)
@@ -334,6 +340,9 @@ class PolicyLearner(LearnerRank):
         """This rank's slice [B, T] -> log-probs [B, T-1] float32 on CPU, 0 outside action_mask."""
         return self._forward_tokens(batch)
 
+    def _token_forward(self, mb: SequenceBatch) -> Tensor:
+        return self.engine(mb.input_ids, mb.attention_mask, positions=mb.action_mask)  # the head on replies only
+
     def train_step(self, shard: Experience, clip_eps: float, dual_clip: float | None, entropy_coef: float,
                    loss_agg: str, num_tokens: int, num_seqs: int, epochs: int = 1,
                    measure_gap: bool = False) -> dict[str, float]:
@@ -350,7 +359,8 @@ class PolicyLearner(LearnerRank):
 
         def micro_loss(mb: Experience, n_micro: int) -> tuple[Tensor, dict[str, float]]:
             mask = mb.sequences.action_mask
-            logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True)
+            logp, entropy = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask, with_entropy=True,
+                                        positions=mask)
             if measure_gap and not gap:
                 gap.append(float(masked_mean((logp.detach() - mb.old_logp).abs(), mask)))
             loss, stats = policy_loss(logp, mb.old_logp, mb.advantages, mask, clip_eps, dual_clip,

@@ -120,14 +120,16 @@ class ReferenceModel:
         for sl in self._micro_slices(len(batch)):
             mb = batch.select(sl).trimmed()
             ids, attn = mb.input_ids.to(self.device), mb.attention_mask.to(self.device)
-            out[sl, : mb.action_mask.shape[1]] = forward(ids, attn, temperature).float().cpu()
+            positions = mb.action_mask.to(self.device)
+            out[sl, : mb.action_mask.shape[1]] = forward(ids, attn, temperature, positions).float().cpu()
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
 
-    def _forward_plain(self, ids: Tensor, attn: Tensor, temperature: float) -> Tensor:
-        return sequence_logprobs(self.model, SequenceBatch(ids, attn, attn[:, 1:]), temperature, self.chunk_size)
+    def _forward_plain(self, ids: Tensor, attn: Tensor, temperature: float, positions: Tensor) -> Tensor:
+        return sequence_logprobs(self.model, SequenceBatch(ids, attn, attn[:, 1:]), temperature, self.chunk_size,
+                                 positions=positions)  # the output head on the replies' positions only
 
-    def _forward_sharded(self, ids: Tensor, attn: Tensor, temperature: float) -> Tensor:
-        return self.engine(ids, attn, temperature)
+    def _forward_sharded(self, ids: Tensor, attn: Tensor, temperature: float, positions: Tensor) -> Tensor:
+        return self.engine(ids, attn, temperature)  # every rank gathers the same layers: all positions
 
     def _micro_slices(self, n: int) -> list[slice]:
         """Micro-batch slices; under ZeRO-3 checks every rank makes the same number of

@@ -240,3 +240,25 @@ def test_reference_model_packing_kwarg(tmp_path):
         torch.testing.assert_close(ref.compute_logprobs(batch, 0.7), padded, atol=ATOL, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_positions_put_only_the_replies_through_the_head(packing):
+    """`positions` (the action mask): the same log-probs, entropies and gradients there as the
+    full computation, 0 elsewhere, padded or packed."""
+    model, batch = _policy("sdpa"), _batch()
+    g = torch.Generator().manual_seed(2)
+    positions = (torch.rand(batch.action_mask.shape, generator=g) < 0.5) & batch.action_mask.bool()
+    w = torch.randn(positions.shape, generator=g)
+    results = []
+    for pos in (None, positions):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, batch, 0.7, chunk_size=16, with_entropy=True, packing=packing,
+                                      positions=pos)
+        ((logp + ent) * w * positions).sum().backward()
+        results.append((logp.detach(), ent.detach(), _grads(model)))
+    (lp0, ent0, g0), (lp1, ent1, g1) = results
+    torch.testing.assert_close(lp1[positions], lp0[positions], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ent1[positions], ent0[positions], atol=ATOL, rtol=0)
+    assert not lp1[~positions].any() and not ent1[~positions].any() and lp0[~positions & batch.action_mask.bool()].any()
+    _assert_grads_close(g1, g0)
