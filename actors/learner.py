@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from rlhf.actors import deepspeed_rank
 from rlhf.actors.deepspeed_rank import AdamW, ds_config, equal_micro_slices
 from rlhf.actors.lora import LoraArgs, apply_lora, frozen_left_out
-from rlhf.actors.modeling import ValueModel, load_causal_lm, sequence_logprobs
+from rlhf.actors.modeling import ValueModel, load_causal_lm, prompt_lengths, sequence_logprobs
 from rlhf.actors.learner_weights import WeightExport, _full_shape
 from rlhf.actors.threads import torch_threads
 from rlhf.actors.weights import WeightGroup
@@ -274,7 +274,7 @@ class LearnerRank(WeightExport):
         return torch.where(batch.action_mask.bool(), out, torch.zeros_like(out))
 
     def _token_forward(self, mb: SequenceBatch) -> Tensor:
-        return self.engine(mb.input_ids, mb.attention_mask)
+        return self.engine(mb.input_ids, mb.attention_mask, prompt_lengths(mb))
 
 
 class _PolicyLogprobs(nn.Module):
@@ -453,7 +453,8 @@ class CriticLearner(LearnerRank):
 
         def micro_loss(mb: Experience, n_micro: int) -> tuple[Tensor, dict[str, float]]:
             mask = mb.sequences.action_mask
-            values = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask)
+            values = self.engine(mb.sequences.input_ids, mb.sequences.attention_mask,
+                                 prompt_lengths(mb.sequences))
             loss, stats = value_loss(values, mb.old_values, mb.returns, mask, value_clip,
                                      loss_agg, num_tokens, num_seqs)
             n_tok = float(mask.sum())

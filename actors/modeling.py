@@ -13,6 +13,11 @@
   build a block-diagonal causal mask from the position ids; on CUDA `rlhf_varlen`
   (torch's varlen flash kernel, rlhf.kernels.varlen_attention) or flash_attention_2
   use the cumulative sequence lengths, and attention costs sum L_i^2, not M^2.
+- Shared prompts (packing on CPU, given the prompt lengths): rows of a micro-batch that start
+  with the same prompt (the n samples of one prompt in PPO/GRPO) share one copy of it in the
+  packed row; each reply attends to that copy and to itself through a 4D mask, with its
+  positions continuing after the prompt. The same function of the weights, computed once per
+  prompt instead of n times (exact: a prompt's hidden states see the prompt only).
 - Token log-prob backend: `select_backend(default_backend(), device)`, i.e. the fused
   Triton kernel on CUDA and the chunked reference on CPU ($RLHF_LOGPROB_BACKEND forces one).
 
@@ -92,12 +97,19 @@ class PackedBatch:
     pairs: Tensor          # [B, T-1] bool: real token at t and at t+1
     source: Tensor         # [K] index into the M packed tokens of each pair's token t
     targets: Tensor        # [K] input_ids[b, t+1] of each pair
+    attend: Tensor | None = None  # [M, M] bool, shared prompts: query i may attend to key j
 
-    def attention_kwargs(self) -> dict:
+    def attention_kwargs(self, attn_implementation: str | None = None) -> dict:
         """What a transformers backbone takes for a packed forward: position ids (sdpa/eager
-        derive a block-diagonal mask from them) and the varlen arguments (flash/rlhf_varlen)."""
+        derive a block-diagonal mask from them) and the varlen arguments (flash/rlhf_varlen),
+        or with shared prompts the 4D mask (bool for sdpa, additive for eager)."""
+        if self.attend is not None:
+            mask = self.attend[None, None]
+            if attn_implementation == "eager":
+                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+            return dict(position_ids=self.position_ids, attention_mask=mask)
         return dict(position_ids=self.position_ids, cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
-                    max_length_q=self.max_len, max_length_k=self.max_len)
+                    max_length_q=self.max_len, max_length_k=self.max_len, attention_mask=None)
 
     def unpack(self, per_pair: Tensor) -> Tensor:
         """[K, ...] values of the pairs -> [B, T-1, ...], 0 elsewhere (differentiable)."""
@@ -106,9 +118,24 @@ class PackedBatch:
         return out
 
 
-def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:
+def prompt_lengths(batch: SequenceBatch, actions: Tensor | None = None) -> Tensor:
+    """[B] tokens before each row's reply: the position of its first action target in
+    `actions` [B, T-1] (default batch.action_mask); a row with no action counts whole."""
+    acts = (batch.action_mask if actions is None else actions).bool()
+    first = acts.long().argmax(1) + 1  # argmax returns the first of equal maxima
+    return torch.where(acts.any(1), first, batch.attention_mask.sum(1))
+
+
+def pack_batch(input_ids: Tensor, attention_mask: Tensor, prompt_lens: Tensor | None = None) -> PackedBatch:
     """[B, T] ids and mask -> PackedBatch. Positions count real tokens only, so a
-    right-padded row gets 0..L-1, exactly the positions of the padded forward."""
+    right-padded row gets 0..L-1, exactly the positions of the padded forward. With
+    `prompt_lens` [B] (CPU: dense-mask attention), rows that begin with the same prompt share
+    one copy of it (the module docstring); without any such rows the layout is the plain one."""
+    groups = None
+    if prompt_lens is not None and input_ids.device.type != "cuda":
+        groups = _prompt_groups(input_ids, attention_mask.sum(1), prompt_lens)
+    if groups is not None:
+        return _pack_shared(input_ids, attention_mask, groups)
     real = attention_mask.bool()
     flat = real.reshape(-1)
     index = flat.long().cumsum(0).reshape(real.shape) - 1  # packed index of each real (b, t)
@@ -123,11 +150,54 @@ def pack_batch(input_ids: Tensor, attention_mask: Tensor) -> PackedBatch:
         pairs=pairs, source=index[:, :-1][pairs], targets=input_ids[:, 1:][pairs])
 
 
+def _prompt_groups(input_ids: Tensor, lengths: Tensor, prompt_lens: Tensor) -> list[tuple[int, list[int]]] | None:
+    """[(prompt length, rows)] of rows with identical prompts, in order of first appearance;
+    None when no two rows share one."""
+    groups: dict[tuple, list[int]] = {}
+    for b, (length, p) in enumerate(zip(lengths.tolist(), prompt_lens.tolist())):
+        p = min(int(p), int(length))
+        groups.setdefault((p, *input_ids[b, :p].tolist()), []).append(b)
+    if all(len(rows) == 1 for rows in groups.values()):
+        return None
+    return [(key[0], rows) for key, rows in groups.items()]
+
+
+def _pack_shared(input_ids: Tensor, attention_mask: Tensor, groups: list[tuple[int, list[int]]]) -> PackedBatch:
+    """The packed row with one copy of each group's prompt, then each member's reply tokens;
+    `attend` lets a token see its group's prompt and its own row's earlier tokens."""
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(1).tolist()
+    index = torch.zeros(B, T, dtype=torch.long)  # packed index of each real (b, t)
+    ids, pos, group, member, cursor = [], [], [], [], 0
+    for g, (p, rows) in enumerate(groups):
+        for m, b in enumerate([rows[0], *rows]):  # m = 0: the shared prompt
+            span = range(0, p) if m == 0 else range(p, lengths[b])
+            ids.append(input_ids[b, span.start:span.stop])
+            pos.append(torch.arange(span.start, span.stop))
+            group.append(torch.full((len(span),), g))
+            member.append(torch.full((len(span),), m))
+            for row in (rows if m == 0 else [b]):
+                index[row, span.start:span.stop] = torch.arange(cursor, cursor + len(span))
+            cursor += len(span)
+    pos_t, group_t, member_t = torch.cat(pos), torch.cat(group), torch.cat(member)
+    attend = ((group_t[:, None] == group_t[None, :]) & (pos_t[None, :] <= pos_t[:, None])
+              & ((member_t[None, :] == 0) | (member_t[:, None] == member_t[None, :])))
+    real = attention_mask.bool()
+    pairs = real[:, :-1] & real[:, 1:]
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return PackedBatch(input_ids=torch.cat(ids)[None], position_ids=pos_t[None], cu_seqlens=cu,
+                       max_len=max(lengths) if lengths else 0, pairs=pairs, source=index[:, :-1][pairs],
+                       targets=input_ids[:, 1:][pairs], attend=attend)
+
+
 def packed_hidden_state(backbone: PreTrainedModel, packed: PackedBatch) -> Tensor:
     """[1, M] packed ids -> [M, H]; no attention mask, so sequences are told apart by the
-    position ids (sdpa/eager) or the cumulative lengths (varlen kernels)."""
+    position ids (sdpa/eager) or the cumulative lengths (varlen kernels); with shared prompts
+    by the packed batch's 4D mask."""
     _maybe_use_varlen_attention(backbone, packed.input_ids.device)
-    out = backbone(input_ids=packed.input_ids, attention_mask=None, use_cache=False, **packed.attention_kwargs())
+    impl = getattr(backbone.config, "_attn_implementation", None)
+    out = backbone(input_ids=packed.input_ids, use_cache=False, **packed.attention_kwargs(impl))
     return out.last_hidden_state[0]
 
 
@@ -189,7 +259,7 @@ def sequence_logprobs(
         out = logprobs(hidden[keep], head.weight, targets[keep], **kw)
         place = lambda x: x.new_zeros(keep.shape).masked_scatter(keep, x)  # noqa: E731
         return tuple(place(x) for x in out) if with_entropy else place(out)
-    packed = pack_batch(batch.input_ids, batch.attention_mask)
+    packed = pack_batch(batch.input_ids, batch.attention_mask, prompt_lengths(batch, positions))
     hidden = packed_hidden_state(backbone_of(model), packed)
     source, targets = packed.source, packed.targets
     keep = None if positions is None else positions.bool()[packed.pairs]
@@ -254,11 +324,11 @@ class ValueModel(nn.Module):
                 for k, v in state.items() if k.startswith("value_head.")}
         save_file(head, str(Path(path) / VALUE_HEAD_FILE))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_lens: Tensor | None = None) -> Tensor:
         """[B, T] -> values [B, T-1] float32 (the last position has no action, so it is cut;
-        packed, positions whose next token is padding are 0)."""
+        packed, positions whose next token is padding are 0; `prompt_lens`: shared prompts)."""
         if self.packing:
-            packed = pack_batch(input_ids, attention_mask)
+            packed = pack_batch(input_ids, attention_mask, prompt_lens)
             hidden = packed_hidden_state(self.backbone, packed)
             return packed.unpack(self.value_head(hidden[packed.source]).squeeze(-1).float())
         hidden = last_hidden_state(self.backbone, input_ids, attention_mask)
@@ -266,7 +336,7 @@ class ValueModel(nn.Module):
 
     def values(self, batch: SequenceBatch) -> Tensor:
         """batch [B, T] -> [B, T-1]: position t is V(input_ids[:, :t+1])."""
-        return self(batch.input_ids, batch.attention_mask)
+        return self(batch.input_ids, batch.attention_mask, prompt_lengths(batch))
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)

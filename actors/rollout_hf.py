@@ -222,13 +222,29 @@ class HFRolloutEngine:
         uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
                                            dtype=torch.float64) for s in seeds])
         sampler = SeededSampler(uniforms, temperature, top_p)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  past_key_values=self._shared_prefill(input_ids, attention_mask),
                                   do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0,
                                   logits_processor=[sampler], use_cache=True,
                                   stopping_criteria=StoppingCriteriaList([stop] if stop is not None else []))
         generated = out[:, width:].cpu().tolist()
         logps = torch.stack(sampler.logprobs, dim=1).cpu().tolist() if sampler.logprobs else [[] for _ in prompts]
         return generated, logps
+
+    def _shared_prefill(self, input_ids: Tensor, attention_mask: Tensor):
+        """When the rows are groups of r > 1 equal consecutive prompts (the n samples of each),
+        the KV cache of every prompt but its last token, computed once per group and repeated r
+        times; `generate` then starts from it (None: no such groups, generate prefills alone)."""
+        r = next((i for i in range(1, len(input_ids)) if not torch.equal(input_ids[i], input_ids[0])), len(input_ids))
+        if r < 2 or len(input_ids) % r or input_ids.shape[1] < 2 \
+                or not torch.equal(input_ids, input_ids[::r].repeat_interleave(r, 0)):
+            return None
+        ids, mask = input_ids[::r, :-1], attention_mask[::r, :-1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate's, for left padding
+        cache = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(r)
+        return cache
 
     def _fresh_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._rng))

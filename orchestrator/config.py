@@ -46,8 +46,8 @@ class ModelConfig(Section):
                                     "its log(1 - P) per rule enters the reward with rule_rm.weights")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype in learners and engines")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "architecture used when policy is `tiny`")
-    packing: bool = _f(False, "learner and reference forwards pack each micro-batch's sequences into one row "
-                       "(no compute on padding; pays off on GPUs with varlen attention, slower on CPU sdpa)")
+    packing: bool = _f(False, "learner and reference forwards pack each micro-batch's sequences into one row: "
+                       "no compute on padding, and on CPU the replies of one prompt share one copy of it")
 
 
 class DataSourceConfig(Section):

@@ -276,9 +276,17 @@ class PPOTrainer:
         self._scorer = scorer
 
     def _minibatches(self, exp: Experience) -> list[Experience]:
-        """Shuffled mini-batches of ppo.train_batch_size samples (trailing padding trimmed)."""
+        """Shuffled mini-batches of ppo.train_batch_size samples (trailing padding trimmed).
+        With model.packing whole prompt groups are shuffled, so a micro-batch holds the n
+        replies of its prompts together and their packed forward computes each prompt once."""
         order = list(range(len(exp)))
-        self.rng.shuffle(order)
+        if self.cfg.model.packing:
+            n = self.cfg.rollout.n_samples
+            groups = [order[i:i + n] for i in range(0, len(order), n)]
+            self.rng.shuffle(groups)
+            order = [i for group in groups for i in group]
+        else:
+            self.rng.shuffle(order)
         size = self.cfg.ppo.train_batch_size
         return [exp.select(torch.tensor(order[i:i + size])).trimmed() for i in range(0, len(exp), size)]
 
