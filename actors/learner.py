@@ -169,6 +169,13 @@ class LearnerRank(WeightExport):
         norm = self.engine.get_global_grad_norm()
         return lr, float("nan") if norm is None else float(norm)
 
+    def train_steps(self, kwargs: list[dict], *shards: Experience) -> list[dict[str, float]]:
+        """`train_step(shard, **kw)` for each pair, in order: every mini-batch of a PPO step in
+        one actor call (one round trip instead of one per mini-batch)."""
+        if len(kwargs) != len(shards):
+            raise ValueError(f"train_steps: {len(kwargs)} keyword sets for {len(shards)} shards")
+        return [self.train_step(shard, **kw) for shard, kw in zip(shards, kwargs)]
+
     def _train(self, shard: Experience, epochs: int, micro_loss) -> dict[str, float]:
         """`epochs` optimizer steps on this rank's shard. `micro_loss(mb, n_micro)` returns the
         micro-batch's loss part and token-weighted stat sums; the loop backpropagates, guards

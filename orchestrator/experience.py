@@ -80,15 +80,13 @@ def to_sequence_batch(samples: Samples, pad_id: int) -> SequenceBatch:
     """Pads prompt+response ids into a `SequenceBatch`; the action mask is 0 on inserted
     (response_mask 0) tokens: they are context, not actions of the policy."""
     lengths = [len(p) + len(r) for p, r in zip(samples.prompt_ids, samples.response_ids)]
-    B, T = len(lengths), max(lengths)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    action_mask = torch.zeros((B, T - 1), dtype=torch.float32)
+    T = max(lengths)
+    ids, actions = [], []
     for i, (p, r) in enumerate(zip(samples.prompt_ids, samples.response_ids)):
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention_mask[i, : len(p) + len(r)] = 1
-        action_mask[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(samples.policy_mask(i), dtype=torch.float32)
-    return SequenceBatch(input_ids, attention_mask, action_mask)
+        ids.append(p + r + [pad_id] * (T - len(p) - len(r)))  # rows as lists: one tensor built at the end
+        actions.append([0] * (len(p) - 1) + samples.policy_mask(i) + [0] * (T - len(p) - len(r)))
+    attention_mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    return SequenceBatch(torch.tensor(ids, dtype=torch.long), attention_mask, torch.tensor(actions, dtype=torch.float32))
 
 
 def dialogue_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:

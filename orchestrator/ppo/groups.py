@@ -90,5 +90,14 @@ class LearnerGroup:
                          for r, part in zip(self.ranks, mb.parts(len(self)))])
         return refs
 
+    def train_all(self, minibatches: list[tuple[Scattered, dict]], **kwargs) -> list:
+        """The step's mini-batches (each with its own extra keywords) in ONE call per rank;
+        one ref per rank, each resolving to that rank's stats per mini-batch, in order.
+        The slices go as top-level arguments, so Ray resolves those put in the store."""
+        calls = [dict(num_tokens=int(mb.batch.sequences.action_mask.sum()), num_seqs=len(mb.batch), **kwargs, **extra)
+                 for mb, extra in minibatches]
+        parts = [mb.parts(len(self)) for mb, _ in minibatches]
+        return [r.train_steps.remote(calls, *[p[i] for p in parts]) for i, r in enumerate(self.ranks)]
+
     def call_all(self, method: str, *args, **kwargs) -> list:
         return [getattr(r, method).remote(*args, **kwargs) for r in self.ranks]

@@ -141,8 +141,13 @@ class RolloutGroup:
     # ---- weight sync -------------------------------------------------------------------
     def load_weight_buckets(self, bucket_refs: list[ray.ObjectRef]) -> list[int]:
         """Object-store route: every engine fetches and loads the same `ray.put` buckets."""
-        refs = [e.load_weight_buckets.remote(list(bucket_refs)) for e in self.engines]
-        return self.wait(refs, "load_weight_buckets")
+        return self.wait(self.load_weight_buckets_refs(bucket_refs), "load_weight_buckets")
+
+    def load_weight_buckets_refs(self, bucket_refs: list[ray.ObjectRef] | ray.ObjectRef) -> list[ray.ObjectRef]:
+        """The engines' load calls as refs. `bucket_refs` may be a ref to the list (the policy's
+        export call): Ray hands it to the engines once the export returns, no driver round trip."""
+        arg = bucket_refs if isinstance(bucket_refs, ray.ObjectRef) else list(bucket_refs)
+        return [e.load_weight_buckets.remote(arg) for e in self.engines]
 
     def load_ipc_handles(self, handles: dict[str, bytes]) -> list[int]:
         """cuda_ipc route: each engine worker loads the weights shared on its own GPU."""

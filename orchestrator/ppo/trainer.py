@@ -63,12 +63,12 @@ def sampler_logprobs(samples, mask: torch.Tensor) -> torch.Tensor:
     [B, T-1] tensors (0 outside `mask`). The log-probs are of the policy's tokens only, so they go
     onto the mask's 1-positions in order (a tool's inserted tokens are gaps in the mask)."""
     sampler = torch.zeros(mask.shape, dtype=torch.float32)
-    for i, lp in enumerate(samples.response_logprobs):
-        positions = mask[i].nonzero()[:, 0]
-        if len(positions) != len(lp):
-            raise ValueError(f"sample {i}: {len(lp)} sampler log-probs for {len(positions)} policy tokens")
-        sampler[i, positions] = torch.tensor(lp, dtype=torch.float32)
-    return sampler
+    counts = mask.bool().sum(1).tolist()
+    for i, (lp, count) in enumerate(zip(samples.response_logprobs, counts)):
+        if len(lp) != count:
+            raise ValueError(f"sample {i}: {len(lp)} sampler log-probs for {count} policy tokens")
+    sampler[mask.bool()] = torch.tensor([x for lp in samples.response_logprobs for x in lp], dtype=torch.float32)
+    return sampler  # boolean-mask assignment fills row by row, positions in order
 
 
 def kl_abort_reason(step: int, kl_per_reply: float, abort_kl: float | None, lr: float) -> str | None:
@@ -195,23 +195,23 @@ class PPOTrainer:
                 # The engines still hold the weights this batch was sampled with; they generate
                 # the next batch now and get the new weights once both are done (below).
                 self._pending = (step + 1, self._pool.submit(self._generate, step + 1, next_prompt_index))
-            policy_refs, critic_refs = [], []
-            for epoch in range(cfg.ppo.epochs):
-                minibatches = [Scattered(mb) for mb in self._minibatches(exp)]
-                # With sampler old log-probs, the first mini-batch also measures their gap to the
-                # learner's own, before the first optimizer step (the guard, below).
-                guard = self.old_logprobs == "sampler" and epoch == 0
-                for i, mb in enumerate(minibatches):
-                    policy_refs += roles.policy.train_refs(
-                        [mb], clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
-                        loss_agg=cfg.ppo.loss_agg, **({"measure_gap": True} if guard and i == 0 else {}))
-                if use_critic:
-                    critic_refs += roles.critic.train_refs(minibatches, value_clip=cfg.ppo.value_clip,
-                                                           loss_agg=cfg.ppo.loss_agg)
-            stats = wait_all([r for mb in policy_refs + critic_refs for r in mb], self.timeout_s, "PPO train_step")
-            n_policy = len(policy_refs) * len(roles.policy)  # stats: policy mini-batches x ranks, then critic's
-            skipped = self._count_nonfinite(stats[:n_policy:len(roles.policy)],
-                                            stats[n_policy::len(roles.critic)] if use_critic else [])
+            minibatches = [Scattered(mb) for _ in range(cfg.ppo.epochs) for mb in self._minibatches(exp)]
+            # With sampler old log-probs, the first mini-batch also measures their gap to the
+            # learner's own, before the first optimizer step (the guard, below).
+            guard = {"measure_gap": True} if self.old_logprobs == "sampler" else {}
+            refs = roles.policy.train_all([(mb, guard if i == 0 else {}) for i, mb in enumerate(minibatches)],
+                                          clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip,
+                                          entropy_coef=cfg.ppo.entropy_coef, loss_agg=cfg.ppo.loss_agg)
+            if use_critic:
+                refs += roles.critic.train_all([(mb, {}) for mb in minibatches], value_clip=cfg.ppo.value_clip,
+                                               loss_agg=cfg.ppo.loss_agg)
+            per_rank = wait_all(refs, self.timeout_s, "PPO train_step")
+            n_policy = len(roles.policy)  # stats: mini-batch major, rank minor; the policy's, then the critic's
+            policy_stats = [s for ranks in zip(*per_rank[:n_policy]) for s in ranks]
+            critic_stats = [s for ranks in zip(*per_rank[n_policy:]) for s in ranks]
+            stats = policy_stats + critic_stats
+            skipped = self._count_nonfinite(policy_stats[::n_policy],
+                                            critic_stats[::len(roles.critic)] if use_critic else [])
 
         # 5. Weight sync: the engines must sample from the updated policy next step (with
         #    rollout.overlap: once they have finished the batch they are generating).

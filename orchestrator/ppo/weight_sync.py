@@ -53,11 +53,13 @@ class WeightSync:
 class ObjectStoreSync(WeightSync):
     def sync(self) -> SyncStats:
         start = time.perf_counter()
-        per_rank = wait_all(self.policy.call_all("export_weight_buckets", self.bucket_bytes), self.timeout_s,
-                            "policy export_weight_buckets (weight sync)")
-        refs = per_rank[0]  # rank 0 holds the gathered weights; other ranks return []
-        self.rollout.load_weight_buckets(refs)  # each engine fetches the buckets itself
-        return SyncStats(time.perf_counter() - start, self._bytes(), len(refs))
+        exports = self.policy.call_all("export_weight_buckets", self.bucket_bytes)
+        # Rank 0 holds the gathered weights (other ranks return []). Its call's ref goes to the
+        # engines at once: each fetches the buckets itself once the export is done.
+        loads = self.rollout.load_weight_buckets_refs(exports[0])
+        per_rank = wait_all(exports, self.timeout_s, "policy export_weight_buckets (weight sync)")
+        self.rollout.wait(loads, "load_weight_buckets")
+        return SyncStats(time.perf_counter() - start, self._bytes(), len(per_rank[0]))
 
 
 class CollectiveSync(WeightSync):

@@ -38,7 +38,9 @@ def gae(
     zeros = torch.zeros_like(rewards[:, 0])
     next_value, next_adv = zeros, zeros
     advantages = torch.zeros_like(rewards)
-    for t in reversed(range(rewards.shape[1])):
+    # A column with no valid token in any row changes nothing (the carry passes through and
+    # its advantages stay 0), so the scan visits only the others: the replies' columns.
+    for t in reversed(valid.any(0).nonzero()[:, 0].tolist()):
         m = valid[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         adv = delta + gamma * lam * next_adv
