@@ -324,8 +324,7 @@ class PolicyLearner(LearnerRank):
         """The reference's log-probs of this rank's slice, as ReferenceModel.compute_logprobs."""
         if self.reference is None:
             raise RuntimeError("this policy rank holds no reference (LearnerArgs.reference_path is None)")
-        with torch_threads(self.args.num_threads):
-            return self.reference.compute_logprobs(batch, temperature)
+        return self.reference.compute_logprobs(batch, temperature)  # at the process's num_threads
 
     def _build_module(self) -> nn.Module:
         self.model = load_causal_lm(self.args.model_path, self.args.dtype, packing=self.args.packing)

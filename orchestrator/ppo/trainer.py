@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import ray
 import torch
+from tqdm import tqdm
 
 from rlhf.orchestrator.config import ExperimentConfig
 from rlhf.orchestrator.experience import Experience, to_sequence_batch
@@ -244,7 +245,7 @@ class PPOTrainer:
         gap = sum(gaps) / len(gaps)
         if not gap <= self.cfg.ppo.old_logprobs_max_gap:
             self.old_logprobs = "learner"
-            print(f"ppo step {step}: the engines' log-probs differ from the learner's by {gap:.2e} per token "
+            tqdm.write(f"ppo step {step}: the engines' log-probs differ from the learner's by {gap:.2e} per token "
                   f"(ppo.old_logprobs_max_gap = {self.cfg.ppo.old_logprobs_max_gap:g}); using the learner's "
                   "forward for the old log-probs from the next step on")
         return gap
