@@ -183,12 +183,12 @@ class RolloutEngine:
         """
         import ray
 
-        loaded = 0
-        self._rpc("begin_bucket_update")
-        for i, bucket in enumerate(buckets):
+        if not buckets:
+            return 0
+        loaded, last = 0, len(buckets) - 1
+        for i, bucket in enumerate(buckets):  # the first opens the update, the last closes it
             data = ray.get(bucket, timeout=self.rpc_timeout_s) if isinstance(bucket, ray.ObjectRef) else bucket
-            loaded += self._rpc("load_bucket", data, phase=f"load_bucket {i}")
-        self._rpc("finish_bucket_update")
+            loaded += self._rpc("load_bucket", data, i == 0, i == last, phase=f"load_bucket {i}")
         self.llm.reset_prefix_cache()
         return loaded
 

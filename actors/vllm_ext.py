@@ -93,10 +93,17 @@ class WeightReceiver:
         return set_current_vllm_config(self.vllm_config)
 
     # ---- object-store route: one safetensors bucket per RPC ----------------------------
-    def load_bucket(self, data: bytes) -> int:
-        """Loads one safetensors-encoded bucket (inside an update session); returns #tensors."""
+    def load_bucket(self, data: bytes, begin: bool = False, finish: bool = False) -> int:
+        """Loads one safetensors-encoded bucket (inside an update session); returns #tensors.
+        `begin` / `finish` open and close the session in the same call: a one-bucket update
+        is one RPC instead of three."""
+        if begin:
+            self.begin_bucket_update()
         named = [(n, t.to(self.device)) for n, t in bucket_from_bytes(data)]
-        return self._load_named(named)
+        loaded = self._load_named(named)
+        if finish:
+            self.finish_bucket_update()
+        return loaded
 
     # ---- collective route: gloo on CPU, NCCL on GPUs -----------------------------------
     def init_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
