@@ -152,11 +152,12 @@ def pack_batch(input_ids: Tensor, attention_mask: Tensor, prompt_lens: Tensor | 
 
 def _prompt_groups(input_ids: Tensor, lengths: Tensor, prompt_lens: Tensor) -> list[tuple[int, list[int]]] | None:
     """[(prompt length, rows)] of rows with identical prompts, in order of first appearance;
-    None when no two rows share one."""
+    None when no two rows share one of at least 2 tokens (a common first token alone, as in
+    a forward given no reply positions, is not worth the 4D mask)."""
     groups: dict[tuple, list[int]] = {}
     for b, (length, p) in enumerate(zip(lengths.tolist(), prompt_lens.tolist())):
         p = min(int(p), int(length))
-        groups.setdefault((p, *input_ids[b, :p].tolist()), []).append(b)
+        groups.setdefault((p, *input_ids[b, :p].tolist()) if p >= 2 else (p, -1 - b), []).append(b)
     if all(len(rows) == 1 for rows in groups.values()):
         return None
     return [(key[0], rows) for key, rows in groups.items()]

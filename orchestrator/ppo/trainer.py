@@ -189,8 +189,8 @@ class PPOTrainer:
                     old_logp, sampler_logprobs(samples, mask), mask, cfg.rollout.overlap_is_cap)
             exp = Experience(batch, old_logp, ref_logp, advantages, adv.returns, values)
 
-        # 4. PPO epochs: every mini-batch is one optimizer step on every rank; all steps are
-        #    queued at once (each actor runs its calls in order) and awaited together.
+        # 4. PPO epochs: every mini-batch is one optimizer step on every rank; all of a step's
+        #    mini-batches go to each rank in one call (run in order) and are awaited together.
         with timer("train"):
             if self._pool is not None and next_prompt_index is not None:
                 # The engines still hold the weights this batch was sampled with; they generate
@@ -246,8 +246,8 @@ class PPOTrainer:
         if not gap <= self.cfg.ppo.old_logprobs_max_gap:
             self.old_logprobs = "learner"
             tqdm.write(f"ppo step {step}: the engines' log-probs differ from the learner's by {gap:.2e} per token "
-                  f"(ppo.old_logprobs_max_gap = {self.cfg.ppo.old_logprobs_max_gap:g}); using the learner's "
-                  "forward for the old log-probs from the next step on")
+                       f"(ppo.old_logprobs_max_gap = {self.cfg.ppo.old_logprobs_max_gap:g}); using the learner's "
+                       "forward for the old log-probs from the next step on")
         return gap
 
     def _count_nonfinite(self, policy_stats: list[dict], critic_stats: list[dict]) -> int:
