@@ -29,6 +29,11 @@ def wait_all(refs, timeout_s: float, what: str):
 INLINE_BYTES = 96 * 1024  # Ray inlines arguments up to 100 KiB (max_direct_call_object_size)
 
 
+def _counts(mb: "Scattered") -> dict[str, int]:
+    """A mini-batch's global token and sequence counts (token-mean losses need them on every rank)."""
+    return dict(num_tokens=int(mb.batch.sequences.action_mask.sum()), num_seqs=len(mb.batch))
+
+
 def _nbytes(part) -> int:
     return sum(t.numel() * t.element_size() for t in vars(part).values() if isinstance(t, torch.Tensor)) + sum(
         _nbytes(v) for v in vars(part).values() if isinstance(v, SequenceBatch))
@@ -83,19 +88,14 @@ class LearnerGroup:
         Token-mean losses need the mini-batch's global token and sequence counts, which no
         single rank can see; they travel with the call.
         """
-        refs = []
-        for mb in minibatches:
-            counts = dict(num_tokens=int(mb.batch.sequences.action_mask.sum()), num_seqs=len(mb.batch))
-            refs.append([r.train_step.remote(part, **counts, **kwargs)
-                         for r, part in zip(self.ranks, mb.parts(len(self)))])
-        return refs
+        return [[r.train_step.remote(part, **_counts(mb), **kwargs) for r, part in zip(self.ranks, mb.parts(len(self)))]
+                for mb in minibatches]
 
     def train_all(self, minibatches: list[tuple[Scattered, dict]], **kwargs) -> list:
         """The step's mini-batches (each with its own extra keywords) in ONE call per rank;
         one ref per rank, each resolving to that rank's stats per mini-batch, in order.
         The slices go as top-level arguments, so Ray resolves those put in the store."""
-        calls = [dict(num_tokens=int(mb.batch.sequences.action_mask.sum()), num_seqs=len(mb.batch), **kwargs, **extra)
-                 for mb, extra in minibatches]
+        calls = [dict(**_counts(mb), **kwargs, **extra) for mb, extra in minibatches]
         parts = [mb.parts(len(self)) for mb, _ in minibatches]
         return [r.train_steps.remote(calls, *[p[i] for p in parts]) for i, r in enumerate(self.ranks)]
 

@@ -176,7 +176,8 @@ class PPOTrainer:
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
             scores = results["score"][0]
             ref_logp = torch.cat(results["ref"])
-            old_logp = torch.cat(results["old"]) if "old" in results else sampler_logprobs(samples, mask)
+            sampler = sampler_logprobs(samples, mask)  # the engines' own log-probs, [B, T-1]
+            old_logp = torch.cat(results["old"]) if "old" in results else sampler
             values = torch.cat(results["values"]) * mask if use_critic else None
 
             # 3. KL-shaped rewards and advantages (pure functions, orchestrator/rl/).
@@ -186,7 +187,7 @@ class PPOTrainer:
             advantages = adv.advantages
             if cfg.rollout.overlap:  # off-policy by one step: weight by pi_learner / pi_sampler
                 advantages = advantages * behavior_importance_weights(
-                    old_logp, sampler_logprobs(samples, mask), mask, cfg.rollout.overlap_is_cap)
+                    old_logp, sampler, mask, cfg.rollout.overlap_is_cap)
             exp = Experience(batch, old_logp, ref_logp, advantages, adv.returns, values)
 
         # 4. PPO epochs: every mini-batch is one optimizer step on every rank; all of a step's
@@ -226,7 +227,7 @@ class PPOTrainer:
         kl_per_seq = masked_sum(adv.kl, mask, dim=1)
         self.kl_ctl.update(float(kl_per_seq.mean()), len(samples))
         self._count_reward_restart(scores.scorer)
-        metrics = self._metrics(step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer)
+        metrics = self._metrics(step, samples, scores, mask, kl_per_seq, old_logp, sampler, exp, stats, sync, timer)
         metrics["ppo/old_logprobs_from_sampler"] = float(gap is not None)
         if gap is not None:  # sampler old log-probs: the gap the first mini-batch measured
             metrics["rollout/logprob_gap"] = gap
@@ -291,9 +292,8 @@ class PPOTrainer:
         size = self.cfg.ppo.train_batch_size
         return [exp.select(torch.tensor(order[i:i + size])).trimmed() for i in range(0, len(exp), size)]
 
-    def _metrics(self, step, samples, scores, mask, kl_per_seq, old_logp, exp, stats, sync, timer) -> dict:
+    def _metrics(self, step, samples, scores, mask, kl_per_seq, old_logp, sampler, exp, stats, sync, timer) -> dict:
         lengths = mask.sum(1)
-        sampler = sampler_logprobs(samples, mask)
         step_s = sum(timer.seconds.values())
         tokens = int(exp.sequences.attention_mask.sum())
         metrics = {
