@@ -207,6 +207,9 @@ class PPOTrainer:
             if use_critic:
                 refs += roles.critic.train_all([(mb, {}) for mb in minibatches], value_clip=cfg.ppo.value_clip,
                                                loss_agg=cfg.ppo.loss_agg)
+            # Idle engines (no overlapped generation) can take the new weights the moment the
+            # policy ranks finish: the sync queues behind training, one round trip sooner.
+            queued_sync = roles.sync.start() if self._pending is None else None
             per_rank = wait_all(refs, self.timeout_s, "PPO train_step")
             n_policy = len(roles.policy)  # stats: mini-batch major, rank minor; the policy's, then the critic's
             policy_stats = [s for ranks in zip(*per_rank[:n_policy]) for s in ranks]
@@ -221,7 +224,7 @@ class PPOTrainer:
             with timer("overlap_wait"):
                 concurrent.futures.wait([self._pending[1]], timeout=self.timeout_s)
         with timer("weight_sync"):
-            sync = roles.sync.sync()
+            sync = roles.sync.finish(queued_sync)
 
         gap = self._check_sampler_gap(step, stats[:len(roles.policy)])
         kl_per_seq = masked_sum(adv.kl, mask, dim=1)

@@ -35,6 +35,18 @@ class WeightSync:
     def sync(self) -> SyncStats:
         raise NotImplementedError
 
+    def start(self):
+        """Queues the sync behind the calls the policy ranks already hold (an actor runs its
+        calls in order), so it begins the moment they end, without a driver round trip in
+        between; `finish(handle)` waits for it. The engines must have nothing to generate
+        before it (rollout.overlap keeps the plain `sync()`). Backends that cannot queue
+        start nothing here, and `finish` runs the whole sync."""
+        return None
+
+    def finish(self, handle) -> SyncStats:
+        """Waits for a started sync; with `handle` None (or nothing started), syncs now."""
+        return self.sync()
+
     def resync(self, engine: int) -> SyncStats:
         """After engine `engine` was restarted (it holds the initial weights): bring every
         engine to the policy's current weights again. Restarts are rare, so the plain full
@@ -52,11 +64,18 @@ class WeightSync:
 
 class ObjectStoreSync(WeightSync):
     def sync(self) -> SyncStats:
-        start = time.perf_counter()
+        return self.finish(None)
+
+    def start(self) -> tuple[float, list, list]:
         exports = self.policy.call_all("export_weight_buckets", self.bucket_bytes)
         # Rank 0 holds the gathered weights (other ranks return []). Its call's ref goes to the
         # engines at once: each fetches the buckets itself once the export is done.
-        loads = self.rollout.load_weight_buckets_refs(exports[0])
+        return time.perf_counter(), exports, self.rollout.load_weight_buckets_refs(exports[0])
+
+    def finish(self, handle: tuple[float, list, list] | None) -> SyncStats:
+        """`seconds` counts from `start` (behind a training call, the training's tail too);
+        `handle` None: the whole sync, now."""
+        start, exports, loads = handle or self.start()
         per_rank = wait_all(exports, self.timeout_s, "policy export_weight_buckets (weight sync)")
         self.rollout.wait(loads, "load_weight_buckets")
         return SyncStats(time.perf_counter() - start, self._bytes(), len(per_rank[0]))

@@ -4,7 +4,7 @@ Every module under orchestrator/, actors/ and kernels/ is parsed with `ast` (not
 imported); module-level AND function-level (lazy) imports count, relative ones resolved.
 Each module belongs to a group, and groups are ranked (lower never imports higher):
 
-    errors, config, experience -> rl, kernels, models, tasks, data, run, evidence -> actors -> ppo -> recipe, cluster, label -> cli
+    errors, config, experience, wire -> rl, kernels, models, tasks, data, run, evidence -> actors -> ppo -> recipe, cluster, label -> cli
 
 Groups of equal rank may import each other as long as the group graph stays acyclic. One
 exception, explicit below: config validates reward names against the registry in tasks
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Import name -> folder (pyproject's package-dir mapping).
 PACKAGES = {"rlhf.orchestrator": ROOT / "orchestrator", "rlhf.actors": ROOT / "actors", "rlhf.kernels": ROOT / "kernels"}
-RANK = {"orchestrator": 0, "errors": 0, "config": 0, "config_base": 0, "config_stages": 0, "experience": 0,
+RANK = {"orchestrator": 0, "errors": 0, "config": 0, "config_base": 0, "config_stages": 0, "experience": 0, "wire": 0,
         "rl": 1, "kernels": 1, "models": 1, "tasks": 1, "data": 1, "run": 1, "evidence": 1,
         "actors": 2, "ppo": 3, "recipe": 4, "cluster": 4, "label": 4, "cli": 5}
 # (importing module, enclosing function, imported group) pairs allowed to point upward.

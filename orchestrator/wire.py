@@ -1,0 +1,53 @@
+"""How torch tensors cross Ray process boundaries: as numpy arrays, not torch's own pickling.
+
+Ray pickles a torch.Tensor through `torch.Tensor.__reduce_ex__`, which writes each storage
+with torch.serialization's legacy saver and reads it back the same way. For the small
+tensors of one PPO step (experience batches, log-probs, values: a few KB each, about 40 a
+step) that costs about 0.1-0.2 ms to pickle and 0.2 ms to unpickle per tensor, measured on
+the 2-core machine, against 0.01-0.02 ms for the same bytes as a numpy array (pickle
+protocol 5, whose buffers Ray sends out of band). At ppo-tiny's size that was a third of
+the step's orchestration overhead.
+
+`install()` registers `reduce_tensor` for torch tensors in Ray's pickler of this process.
+`rlhf.orchestrator.experience` calls it on import, and every process that sends or receives
+a batch (the driver, each actor) imports that module, so arguments and results both take the
+fast path. A process without it still reads what one with it wrote: the rebuild function
+travels by reference.
+
+Only a plain, dense, CPU tensor without grad takes the numpy route; anything else (a
+Parameter, a CUDA or sparse tensor, one that requires grad) falls back to torch's pickling.
+bfloat16, which numpy lacks, travels as its int16 bit pattern.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# torch dtypes numpy lacks, sent as a same-width integer view and viewed back on arrival.
+_VIEWED = {torch.bfloat16: torch.int16}
+
+
+def rebuild_tensor(array: np.ndarray, viewed_as: str | None) -> torch.Tensor:
+    """The receiving half: a writable tensor that owns its memory (Ray may hand over a
+    read-only buffer of the object store, which a tensor must not write into)."""
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    return tensor.view(getattr(torch, viewed_as)) if viewed_as else tensor
+
+
+def reduce_tensor(tensor: torch.Tensor):
+    """A pickle reducer: (rebuild_tensor, (numpy array, dtype it was viewed from))."""
+    if (type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.requires_grad
+            or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()):
+        return tensor.__reduce_ex__(5)
+    viewed_as = None
+    if tensor.dtype in _VIEWED:
+        viewed_as, tensor = str(tensor.dtype).removeprefix("torch."), tensor.view(_VIEWED[tensor.dtype])
+    return rebuild_tensor, (tensor.contiguous().numpy(), viewed_as)
+
+
+def install() -> None:
+    """Registers `reduce_tensor` in this process's Ray pickler (idempotent; as Ray registers
+    its own reducers and its opt-in zero-copy tensor one: the pickler's dispatch table)."""
+    from ray import cloudpickle
+
+    cloudpickle.CloudPickler.dispatch[torch.Tensor] = reduce_tensor

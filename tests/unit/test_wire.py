@@ -1,0 +1,73 @@
+"""Tensors across Ray as numpy arrays (orchestrator/wire.py): same values, dtypes and shapes
+back, writable, and everything numpy cannot carry falls back to torch's own pickling.
+
+Run: .venv/bin/pytest tests/unit/test_wire.py -q   (no Ray cluster; Ray's pickler only)
+"""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from ray import cloudpickle
+
+from rlhf.orchestrator import experience, wire  # noqa: F401  (importing experience installs the reducer)
+
+CASES = {
+    "float32": torch.randn(4, 7),
+    "int64": torch.randint(0, 1000, (3, 5)),
+    "bool": torch.rand(6) > 0.5,
+    "bfloat16": torch.randn(5, 3).to(torch.bfloat16),
+    "float16": torch.randn(2, 2).half(),
+    "0-dim": torch.tensor(2.5),
+    "empty": torch.zeros(0, 4, dtype=torch.long),
+    "column slice": torch.randn(4, 9)[:, 2:5],
+    "transposed": torch.randn(3, 8).T,
+    "row slice with offset": torch.arange(40.0).view(8, 5)[3:6],
+}
+
+
+def _roundtrip(x, out_of_band: bool = False):
+    if not out_of_band:
+        return cloudpickle.loads(cloudpickle.dumps(x, protocol=5))
+    # As Ray sends large arrays: buffers out of band, read-only on arrival (the object store's).
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(x, protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(data, buffers=[memoryview(b).toreadonly() for b in buffers])
+
+
+@pytest.mark.parametrize("out_of_band", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_plain_tensors_round_trip_as_numpy(name, out_of_band):
+    x = CASES[name]
+    assert wire.reduce_tensor(x)[0] is wire.rebuild_tensor  # the numpy route, not torch's saver
+    y = _roundtrip(x, out_of_band)
+    assert type(y) is torch.Tensor and y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(y, x)
+    if y.numel():  # writable memory of its own: writing changes neither the sender's tensor nor a shared buffer
+        before = x.clone()
+        y.view(-1)[0] = y.view(-1)[1] if y.numel() > 1 else y.view(-1)[0]
+        y.zero_()
+        assert torch.equal(x, before)
+
+
+def test_what_numpy_cannot_carry_falls_back_to_torch_pickling():
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    grad = torch.randn(4, requires_grad=True)
+    sparse = torch.eye(3).to_sparse()
+    for x in (grad, sparse):
+        assert wire.reduce_tensor(x)[0] is not wire.rebuild_tensor
+    y = _roundtrip(param)
+    assert isinstance(y, torch.nn.Parameter) and torch.equal(y.detach(), param.detach())
+    y = _roundtrip(grad)
+    assert y.requires_grad and torch.equal(y.detach(), grad.detach())
+    assert torch.equal(_roundtrip(sparse).to_dense(), torch.eye(3))
+
+
+def test_a_batch_crosses_with_its_tensors_intact():
+    batch = experience.SequenceBatch(torch.randint(0, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long),
+                                     torch.zeros(3, 5, dtype=torch.long))
+    back = _roundtrip(batch, out_of_band=True)
+    for a, b in zip(vars(batch).values(), vars(back).values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b) and a.dtype == b.dtype
