@@ -6,7 +6,8 @@ local Ray and prints, side by side:
   - orchestration overhead: the share of step time not spent computing inside actors.
     Each actor method's own run time is recorded inside the actor (rlhf.actors.timing);
     per phase the critical path is the busiest actor (phases run their actors in parallel;
-    the object-store sync runs export then load, so those two add up). Overhead =
+    the object-store sync runs export then load, so those two add up; it is queued behind
+    training, so its wall time starts when the driver has the training results). Overhead =
     step time - sum of the phases' critical paths: serialisation, object transfer,
     scheduling and the driver's own arithmetic;
   - weight sync: seconds and bytes, against one plain in-memory copy of the same bytes;

@@ -164,13 +164,14 @@ class PPOTrainer:
         with timer("experience"):
             batch = to_sequence_batch(samples, self.pad_id)
             mask, scattered = batch.action_mask, Scattered(batch)
-            refs = {"score": [roles.reward.score.remote(samples, self._messages_ref)],
-                    "ref": roles.reference.forward_refs("compute_logprobs", scattered,
+            # The learners' forwards go out first; the reward call (often just rule functions) last.
+            refs = {"ref": roles.reference.forward_refs("compute_logprobs", scattered,
                                                         temperature=cfg.rollout.temperature)}
             if self.old_logprobs == "learner":
                 refs["old"] = roles.policy.forward_refs("compute_logprobs", scattered)
             if use_critic:
                 refs["values"] = roles.critic.forward_refs("compute_values", scattered)
+            refs["score"] = [roles.reward.score.remote(samples, self._messages_ref)]
             flat = [r for group in refs.values() for r in group]
             got = iter(wait_all(flat, self.timeout_s, "experience (reward, reference, policy, critic forward)"))
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
