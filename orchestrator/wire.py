@@ -15,16 +15,17 @@ fast path. A process without it still reads what one with it wrote: the rebuild 
 travels by reference.
 
 Only a plain, dense, CPU tensor without grad takes the numpy route; anything else (a
-Parameter, a CUDA or sparse tensor, one that requires grad) falls back to torch's pickling.
-bfloat16, which numpy lacks, travels as its int16 bit pattern.
+Parameter, a CUDA or sparse tensor, one that requires grad) falls back to torch's pickling. A slice travels as its own bytes only (torch's
+pickling sends the whole storage it views).
+A dtype numpy lacks (bfloat16, float8) travels as its bit pattern in a same-width integer.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-# torch dtypes numpy lacks, sent as a same-width integer view and viewed back on arrival.
-_VIEWED = {torch.bfloat16: torch.int16}
+# A dtype numpy lacks (bfloat16, float8, complex32) travels as the same-width integer view.
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def rebuild_tensor(array: np.ndarray, viewed_as: str | None) -> torch.Tensor:
@@ -39,10 +40,14 @@ def reduce_tensor(tensor: torch.Tensor):
     if (type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.requires_grad
             or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()):
         return tensor.__reduce_ex__(5)
-    viewed_as = None
-    if tensor.dtype in _VIEWED:
-        viewed_as, tensor = str(tensor.dtype).removeprefix("torch."), tensor.view(_VIEWED[tensor.dtype])
-    return rebuild_tensor, (tensor.contiguous().numpy(), viewed_as)
+    tensor = tensor.contiguous()
+    try:
+        return rebuild_tensor, (tensor.numpy(), None)
+    except TypeError:  # no numpy type for this dtype: send its bits
+        if tensor.element_size() not in _INT_OF_WIDTH:
+            return tensor.__reduce_ex__(5)
+        viewed_as = str(tensor.dtype).removeprefix("torch.")
+        return rebuild_tensor, (tensor.view(_INT_OF_WIDTH[tensor.element_size()]).numpy(), viewed_as)
 
 
 def install() -> None:
