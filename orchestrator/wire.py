@@ -15,16 +15,16 @@ fast path. A process without it still reads what one with it wrote: the rebuild 
 travels by reference.
 
 Only a plain, dense, CPU tensor without grad takes the numpy route; anything else (a
-Parameter, a CUDA or sparse tensor, one that requires grad) falls back to torch's pickling. A slice travels as its own bytes only (torch's
-pickling sends the whole storage it views).
-A dtype numpy lacks (bfloat16, float8) travels as its bit pattern in a same-width integer.
+Parameter, a CUDA or sparse tensor, one that requires grad) falls back to torch's pickling.
+A dtype numpy lacks (bfloat16, float8) travels as its bits in a same-width integer array.
+A slice travels as its own bytes only (torch's pickling sends the whole storage it views).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-# A dtype numpy lacks (bfloat16, float8, complex32) travels as the same-width integer view.
+# Integer dtypes of each element width, to carry the bits of dtypes numpy lacks.
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -36,7 +36,8 @@ def rebuild_tensor(array: np.ndarray, viewed_as: str | None) -> torch.Tensor:
 
 
 def reduce_tensor(tensor: torch.Tensor):
-    """A pickle reducer: (rebuild_tensor, (numpy array, dtype it was viewed from))."""
+    """A pickle reducer: (rebuild_tensor, (numpy array, the dtype its bits are, or None)).
+    Anything but a plain CPU tensor gets torch's own reduction."""
     if (type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.requires_grad
             or tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg()):
         return tensor.__reduce_ex__(5)
