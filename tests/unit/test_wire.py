@@ -28,13 +28,19 @@ CASES = {
 }
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as integers of its element width: equal bits, not just equal values."""
+    return t.contiguous().view(wire._INT_OF_WIDTH[t.element_size()])
+
+
 def _roundtrip(x, out_of_band: bool = False):
     if not out_of_band:
         return cloudpickle.loads(cloudpickle.dumps(x, protocol=5))
     # As Ray sends large arrays: buffers out of band, read-only on arrival (the object store's).
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(x, protocol=5, buffer_callback=buffers.append)
-    assert buffers or not any(isinstance(t, torch.Tensor) and t.numel() for t in (x, *getattr(x, "__dict__", {}).values()))
+    tensors = [x] if isinstance(x, torch.Tensor) else [t for t in vars(x).values() if isinstance(t, torch.Tensor)]
+    assert buffers or not any(t.numel() for t in tensors)  # the bytes did go out of band
     return pickle.loads(data, buffers=[memoryview(b).toreadonly() for b in buffers])
 
 
@@ -45,7 +51,7 @@ def test_plain_tensors_round_trip_as_numpy(name, out_of_band):
     assert wire.reduce_tensor(x)[0] is wire.rebuild_tensor  # the numpy route, not torch's saver
     y = _roundtrip(x, out_of_band)
     assert type(y) is torch.Tensor and y.dtype == x.dtype and y.shape == x.shape
-    assert torch.equal(y.view(torch.uint8), x.contiguous().view(torch.uint8)) if x.element_size() == 1 else torch.equal(y, x)
+    assert torch.equal(_bits(y), _bits(x))
     if y.numel():  # writable memory of its own: writing changes neither the sender's tensor nor a shared buffer
         before = x.clone()
         y.view(-1)[0] = y.view(-1)[1] if y.numel() > 1 else y.view(-1)[0]
