@@ -6,3 +6,6 @@ Each actor is a plain class wrapped with `ray.remote` at launch, so it is testab
 without Ray. Actors import only the layers below them (orchestrator errors, config,
 experience, rl, tasks, data, run, models and rlhf.kernels; tests/unit/test_imports.py).
 """
+from rlhf.orchestrator.run.quiet import quiet_if_worker
+
+quiet_if_worker()  # in a Ray worker: our loggers' format, before any actor of ours runs

@@ -7,6 +7,7 @@ reward model); each component is returned unweighted so the driver logs it
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,12 +66,13 @@ class RewardScorer:
                 raise ValueError(f"rule_rm.weights: rules {unknown} are not in {rule_model_path}'s rules.json "
                                  f"({', '.join(sorted(self.rules))})")
 
-    def score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
-        """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`."""
+    def score(self, samples: Samples, prompts: Sequence[list[dict]] | Mapping[int, list[dict]]) -> RewardScores:
+        """Scores sample i as the reply to `prompts[samples.prompt_index[i]]`: a list of every
+        prompt, or (as PPO sends them) a dict of the batch's own."""
         with torch_threads(self.num_threads):
             return self._score(samples, prompts)
 
-    def _score(self, samples: Samples, prompts: list[list[dict]]) -> RewardScores:
+    def _score(self, samples: Samples, prompts: Sequence[list[dict]] | Mapping[int, list[dict]]) -> RewardScores:
         replies = self.tokenizer.batch_decode(samples.response_ids, skip_special_tokens=True)
         components: dict[str, list[float]] = {}
         for name, fn in self.bound.items():
@@ -98,7 +100,8 @@ class RewardScorer:
         raw = score_sequences(self.model, seqs, self.tokenizer.pad_token_id)
         return (raw - reward_offset(self.model)).tolist()
 
-    def _rule_scores(self, samples: Samples, prompts: list[list[dict]], replies: list[str]) -> list[float]:
+    def _rule_scores(self, samples: Samples, prompts: Sequence[list[dict]] | Mapping[int, list[dict]],
+                     replies: list[str]) -> list[float]:
         """rules_rm of each sample: the rule model judges the replies to one prompt together."""
         by_prompt: dict[int, list[int]] = {}
         for i, p in enumerate(samples.prompt_index):

@@ -30,7 +30,7 @@ from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogue
 from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
 from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
 from rlhf.orchestrator.run.lock import holds, lock_run_dir
-from rlhf.orchestrator.run.quiet import WORKER_LOG, quiet_driver, quiet_env, route_worker_output
+from rlhf.orchestrator.run.quiet import WORKER_LOG, quiet_driver, route_worker_output
 from rlhf.orchestrator.ppo.trainer import kl_abort_reason
 from rlhf.orchestrator.ppo.weight_sync import make_weight_sync
 from rlhf.orchestrator.tasks import load_task
@@ -77,13 +77,13 @@ def start_ray(address: str | None, num_cpus: int, run_dir: Path | None = None) -
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # address="local": always a fresh embedded cluster, never one found running here.
-        env = quiet_env()
+        # address="local": always a fresh embedded cluster, never one found running here. No
+        # runtime env: workers inherit this process's environment (quiet_driver sets QUIET_ENV
+        # in it) and set their loggers up themselves (run/quiet.py), so Ray's pre-started
+        # workers serve the first actors.
         quiet_driver()
         ray.init(address="local", num_cpus=max(num_cpus, os.cpu_count() or 1), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING,
-                 runtime_env={"worker_process_setup_hook": "rlhf.orchestrator.run.quiet.quiet_worker",
-                              "env_vars": env})
+                 _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
         if run_dir is not None and route_worker_output(Path(run_dir) / WORKER_LOG):
             print(f"ray: local cluster started; worker output in {Path(run_dir) / WORKER_LOG}", flush=True)
 

@@ -39,6 +39,9 @@ def test_every_worker_line_goes_to_the_file_and_only_warnings_that_matter_to_the
                    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"], pid=7, actor=""))
     d.emit(_batch(["A worker died or was killed while executing a task by an unexpected system error."],
                   pid="raylet", actor=""))
+    cleaner = ["[2026-12-07 04:00:00] WARNING placement_group_cleaner.py:85 -- Failed to query Ray Train "
+               "Controller actor state. The dashboard may be off.", "PlacementGroupCleaner: run done"]
+    d.emit(_batch(cleaner, pid=9, actor="PlacementGroupCleaner"))  # its every-few-seconds warning goes nowhere
     monitor = ["======== Autoscaler status: 2026-12-01 22:00:00 ========", "Node status", ":event_summary:Adding 1 node"]
     d.emit(_batch(monitor, pid="autoscaler", actor=""))  # Ray's printer picks the events out of it
     written = log.read_text().splitlines()
@@ -48,6 +51,7 @@ def test_every_worker_line_goes_to_the_file_and_only_warnings_that_matter_to_the
         "(pid=7) INFO rlhf.kernels: token log-probs: backend 'auto' on cpu -> the chunked PyTorch reference",
         "(pid=7) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
         "(raylet) A worker died or was killed while executing a task by an unexpected system error.",
+        "(PlacementGroupCleaner pid=9) PlacementGroupCleaner: run done",
     ]
     assert [b["lines"] for b in printed] == [[ours], ["A worker died or was killed while executing a task by an "
                                                       "unexpected system error."], monitor]
@@ -68,7 +72,7 @@ def test_without_rays_printer_nothing_is_rerouted(dispatcher, tmp_path):
 @pytest.fixture
 def loggers():
     """Restores the loggers the quiet functions touch."""
-    names = ["rlhf", *quiet.NOISY_LOGGERS, *quiet.DRIVER_NOTICES]
+    names = ["rlhf", *quiet.DRIVER_NOTICES]
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters),
                  logging.getLogger(n).propagate) for n in names}
     yield
@@ -78,12 +82,11 @@ def loggers():
         log.handlers[:], log.filters[:], log.propagate = handlers, filters, propagate
 
 
-def test_quiet_worker_formats_our_loggers_and_silences_the_cleaner(loggers, monkeypatch):
+def test_quiet_worker_formats_our_loggers(loggers, monkeypatch):
     stderr = io.StringIO()
     monkeypatch.setattr("sys.stderr", stderr)
     quiet.quiet_worker()
     quiet.quiet_worker()  # a second call adds no second handler
-    assert all(logging.getLogger(n).level == logging.ERROR for n in quiet.NOISY_LOGGERS)
     logging.getLogger("rlhf.kernels").info("token log-probs: backend 'auto' on cpu")
     logging.getLogger("rlhf.actors.modeling").warning("packed forwards: keeping sdpa")
     logging.getLogger("rlhf.actors.modeling").debug("not shown")
@@ -112,3 +115,19 @@ def test_quiet_driver_drops_the_two_notices_and_keeps_other_warnings(loggers, mo
         log.warning("something that matters")
     assert seen == ["something that matters"] * len(quiet.DRIVER_NOTICES)
     assert environ == {"TRANSFORMERS_VERBOSITY": "info", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def test_quiet_if_worker_sets_up_ray_workers_only(loggers, monkeypatch):
+    """`rlhf.actors` calls it on import: a driver (which imports the actor classes to launch
+    them) keeps its loggers; a Ray worker gets quiet_worker's handler."""
+    import ray._private.worker as ray_worker
+
+    ours = [h for h in logging.getLogger("rlhf").handlers if getattr(h, "rlhf_worker", False)]
+    assert not ours
+    monkeypatch.setattr(ray_worker.global_worker, "mode", ray_worker.SCRIPT_MODE)
+    quiet.quiet_if_worker()
+    assert not any(getattr(h, "rlhf_worker", False) for h in logging.getLogger("rlhf").handlers)
+    monkeypatch.setattr(ray_worker.global_worker, "mode", ray_worker.WORKER_MODE)
+    quiet.quiet_if_worker()
+    assert [getattr(h, "rlhf_worker", False) for h in logging.getLogger("rlhf").handlers].count(True) == 1
+    assert logging.getLogger("rlhf").propagate is False
