@@ -86,6 +86,10 @@ def test_reward_scorer_combines_rules_with_weights(model_dir):
     assert scores.components == {"arithmetic": [1.5, 1.0], "forbidden_phrase": [0.0, -2.0]}
     # 1.0 * 1.5 + 0.5 * 0 = 1.5;  1.0 * 1.0 + 0.5 * -2 = 0.0
     assert scores.total == [1.5, 0.0]
+    # As PPO sends them: only the batch's prompts, keyed by their index in the whole prompt set.
+    samples.prompt_index = [7, 3]
+    keyed = scorer.score(samples, {7: ADD, 3: MUL})
+    assert keyed.components == scores.components and keyed.total == scores.total
 
 
 def test_reward_scorer_rejects_rule_without_params(model_dir):
