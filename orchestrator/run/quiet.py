@@ -20,8 +20,8 @@ and nothing is wrong. `WorkerOutput` drops those lines (DROPPED_LINES).
 Our own workers set their `rlhf` loggers up when they import `rlhf.actors` (every actor
 and Ray Train loop lives there): `quiet_if_worker`. A runtime env's
 worker_process_setup_hook would do the same, but any runtime env makes every worker start
-through Ray's setup_worker.py and leaves the workers Ray pre-starts unused, which cost
-9 core-seconds and 4 s of a 40 s ppo-tiny start on two cores.
+through Ray's setup_worker.py and leaves the workers Ray pre-starts unused: about 6 of
+some 65 busy core-seconds, and 3 s of a 35-40 s ppo-tiny start on two cores.
 
 transformers prints a progress bar for every model it loads (several per stage, in every
 worker) and a "LOAD REPORT" table when a reward model's new score head starts untrained,
