@@ -122,12 +122,14 @@ def test_quiet_if_worker_sets_up_ray_workers_only(loggers, monkeypatch):
     them) keeps its loggers; a Ray worker gets quiet_worker's handler."""
     import ray._private.worker as ray_worker
 
-    ours = [h for h in logging.getLogger("rlhf").handlers if getattr(h, "rlhf_worker", False)]
-    assert not ours
+    def ours() -> list:
+        return [h for h in logging.getLogger("rlhf").handlers if getattr(h, "rlhf_worker", False)]
+
+    assert ours() == []
     monkeypatch.setattr(ray_worker.global_worker, "mode", ray_worker.SCRIPT_MODE)
     quiet.quiet_if_worker()
-    assert not any(getattr(h, "rlhf_worker", False) for h in logging.getLogger("rlhf").handlers)
+    assert ours() == []
     monkeypatch.setattr(ray_worker.global_worker, "mode", ray_worker.WORKER_MODE)
     quiet.quiet_if_worker()
-    assert [getattr(h, "rlhf_worker", False) for h in logging.getLogger("rlhf").handlers].count(True) == 1
+    assert len(ours()) == 1
     assert logging.getLogger("rlhf").propagate is False
