@@ -47,7 +47,8 @@ PHASE_OF = {"generate": "generate", "score": "experience", "compute_logprobs": "
 def actor_compute(session) -> dict[str, float]:
     """Critical-path compute seconds per phase since the last call, from every actor's clock."""
     roles = session.roles
-    actors = list(roles.rollout.engines) + roles.policy.ranks + roles.reference.ranks + [roles.reward]
+    actors = list(roles.rollout.engines) + roles.policy.ranks + roles.reference.ranks
+    actors += [] if roles.reward_in_driver else [roles.reward]  # the driver's own scoring is not an actor's
     actors += roles.critic.ranks if roles.critic else []
     actors = list({id(a): a for a in actors}.values())  # a reference inside the policy ranks is them
     logs = ray.get([a.pop_compute_seconds.remote() for a in actors], timeout=120)

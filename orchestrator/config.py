@@ -124,6 +124,10 @@ class RewardConfig(Section):
     forbidden_phrases: list[str] = _f([], "phrases the `forbidden_phrase` rule penalises (Sparrow-style rule)")
     model_weight: float = _f(1.0, "weight of the reward model's score (when model.reward is set)", ge=0)
     clip: Optional[float] = _f(None, "clip the combined score to [-clip, clip]; null = off", gt=0)
+    scorer: Literal["auto", "actor"] = _f(
+        "auto", "where replies are scored: auto = reward functions alone in the driver's own process while the "
+        "learners' forwards run (no actor to start, no call a step), a reward model or rule model in an actor "
+        "of its own; actor = always an actor of its own, which Ray restarts and retries if it dies")
 
 
 class PPOConfig(Section):

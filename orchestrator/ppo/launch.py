@@ -25,7 +25,8 @@ from rlhf.orchestrator.errors import BadInput, TrainingAborted
 from rlhf.orchestrator.ppo.groups import LearnerGroup, wait_all
 from rlhf.orchestrator.ppo.judging import JudgePlan, Selection
 from rlhf.orchestrator.run.logger import RunLogger
-from rlhf.orchestrator.ppo.placement import create_placement_groups, plan_resources, plan_threads, reference_in_policy
+from rlhf.orchestrator.ppo.placement import (create_placement_groups, plan_resources, plan_threads, reference_in_policy,
+                                             reward_in_driver)
 from rlhf.orchestrator.data.dialogues import encode_dialogues, load_sft_dialogues
 from rlhf.orchestrator.data.prompts import build_prompts, load_prompts, prompt_batches
 from rlhf.orchestrator.run.rundir import prepare_run_dir, replace_folder, write_atomic
@@ -42,8 +43,9 @@ class Roles:
     policy: LearnerGroup
     critic: LearnerGroup | None
     reference: LearnerGroup
-    reward: object             # RewardScorer actor
+    reward: object             # RewardScorer actor, or (reward_in_driver) the RewardScorer itself
     sync: object               # WeightSync
+    reward_in_driver: bool = False  # reward.scorer: the driver scores the replies (no actor, no call)
 
 
 def resolve_policy(cfg: ExperimentConfig, out: Path, dialogues: list[list[dict]]) -> str:
@@ -216,18 +218,21 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
             zero_stage=ref.zero_stage, offload=ref.offload, backend="nccl" if cfg.placement.gpus_per_node else "gloo",
             packing=cfg.model.packing, num_threads=threads.forward)
             for i in range(ref.num_ranks)], timeout_s)
-    # A reward model gets its own placement; rule-based functions are cheap Python and
-    # need no reserved resources.
-    reward_cls = (remote(RewardScorer, "reward", 0, **reward_restart) if cfg.model.reward
-                  else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0, **reward_restart))
-    reward = reward_cls.remote(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
-                               model_path=cfg.model.reward, model_weight=cfg.reward.model_weight,
-                               clip=cfg.reward.clip, dtype=cfg.model.dtype,
-                               forbidden_phrases=list(cfg.reward.forbidden_phrases), evidence=evidence_spec(cfg),
-                               rule_model_path=cfg.model.rule_reward, rule_weights=dict(cfg.rule_rm.weights),
-                               num_threads=threads.forward)
+    scorer_args = dict(tokenizer_path=paths.policy, functions=dict(cfg.reward.functions),
+                       model_path=cfg.model.reward, model_weight=cfg.reward.model_weight, clip=cfg.reward.clip,
+                       dtype=cfg.model.dtype, forbidden_phrases=list(cfg.reward.forbidden_phrases),
+                       evidence=evidence_spec(cfg), rule_model_path=cfg.model.rule_reward,
+                       rule_weights=dict(cfg.rule_rm.weights))
+    in_driver = reward_in_driver(cfg)
+    if in_driver:  # reward functions alone: built here while the actors start, run during the forwards
+        reward = RewardScorer(**scorer_args)
+    else:  # a reward model gets its own placement; functions alone (reward.scorer=actor) reserve nothing
+        reward_cls = (remote(RewardScorer, "reward", 0, **reward_restart) if cfg.model.reward
+                      else ray.remote(with_compute_clock(RewardScorer)).options(num_cpus=0, **reward_restart))
+        reward = reward_cls.remote(**scorer_args, num_threads=threads.forward)
     # Wait for every constructor (model loads, engine start) so no phase timing includes them.
-    actors = engines + policy.ranks + ([] if in_policy else reference.ranks) + [reward] + (critic.ranks if critic else [])
+    actors = (engines + policy.ranks + ([] if in_policy else reference.ranks) + ([] if in_driver else [reward])
+              + (critic.ranks if critic else []))
     wait_all([a.__ray_ready__.remote() for a in actors], timeout_s, "actor start-up (models loading)")
     groups = [g for g in (policy, critic, reference if ref.zero_stage == 3 and not in_policy else None) if g is not None]
     wait_all([r for g in groups for r in g.init_process_group_refs()], timeout_s,
@@ -235,7 +240,7 @@ def launch_roles(cfg: ExperimentConfig, paths: ModelPaths, pgs, timeout_s: float
     rollout = RolloutGroup(engines, tensor_parallel_size=cfg.rollout.tensor_parallel_size, timeout_s=timeout_s)
     sync = make_weight_sync(cfg.sync.backend, policy, rollout, cfg.sync.bucket_mb, timeout_s)
     rollout.on_engine_restart = sync.resync  # a restarted engine holds the initial weights
-    return Roles(rollout, policy, critic, reference, reward, sync)
+    return Roles(rollout, policy, critic, reference, reward, sync, reward_in_driver=in_driver)
 
 
 @dataclass

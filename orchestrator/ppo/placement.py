@@ -153,6 +153,14 @@ def reference_in_policy(cfg: ExperimentConfig) -> bool:
     return bool(ref.colocate)
 
 
+def reward_in_driver(cfg: ExperimentConfig) -> bool:
+    """reward.scorer: whether the driver scores the replies itself. Reward functions are cheap
+    Python over decoded text, and the driver runs them while the learners' forwards run, so
+    auto gives them no actor: one process fewer to start, one call fewer a step. A reward
+    model or rule model always gets an actor; `actor` forces one (Ray restarts a dead one)."""
+    return cfg.reward.scorer == "auto" and not (cfg.model.reward or cfg.model.rule_reward)
+
+
 @dataclass(frozen=True)
 class Threads:
     """torch intra-op threads per role and phase (CPU runs; on GPUs the device computes)."""

@@ -5,7 +5,8 @@
              -> weight sync to the rollout engines
 
 The driver holds no model; it moves ObjectRefs between actor groups and does the cheap
-per-token arithmetic (pure functions in orchestrator/rl/). Launching the actors is in
+per-token arithmetic (pure functions in orchestrator/rl/). Reward functions alone it scores
+itself while the forwards run (reward.scorer). Launching the actors is in
 orchestrator/ppo/launch.py.
 """
 from __future__ import annotations
@@ -172,11 +173,15 @@ class PPOTrainer:
             # Only this step's prompt texts travel, keyed by index: a few KB inline with the call,
             # where the whole prompt set from the object store cost the scorer ~2.5 ms a step to load.
             messages = {p: self.prompts.messages[p] for p in samples.prompt_index}
-            refs["score"] = [roles.reward.score.remote(samples, messages)]
+            if roles.reward_in_driver:  # reward functions alone: scored here while the forwards run
+                scores = roles.reward.score(samples, messages)
+            else:
+                refs["score"] = [roles.reward.score.remote(samples, messages)]
             flat = [r for group in refs.values() for r in group]
             got = iter(wait_all(flat, self.timeout_s, "experience (reward, reference, policy, critic forward)"))
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
-            scores = results["score"][0]
+            if "score" in results:
+                scores = results["score"][0]
             ref_logp = torch.cat(results["ref"])
             sampler = sampler_logprobs(samples, mask)  # the engines' own log-probs, [B, T-1]
             old_logp = torch.cat(results["old"]) if "old" in results else sampler

@@ -35,7 +35,8 @@ TIMEOUT_S = 300
 # 64 prompts = 4 chunks of 16 (2 in flight at a time): the kill lands after the first chunk
 # came back, while later ones are queued or running on the engine.
 OVERRIDES = ["ppo.prompts_per_step=64", "rollout.max_new_tokens=24", "ppo.train_batch_size=128",
-             "ppo.micro_batch_size=32", "rollout.max_restarts=1", "logger.backend=none"]
+             "ppo.micro_batch_size=32", "rollout.max_restarts=1", "logger.backend=none",
+             "reward.scorer=actor"]  # the rule reward in an actor of its own, so step 3 can kill it
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 from rlhf.orchestrator.config import build_config
 from rlhf.orchestrator.errors import BadInput
-from rlhf.orchestrator.ppo.placement import Slot, Threads, plan_resources, plan_threads, preflight
+from rlhf.orchestrator.ppo.placement import Slot, Threads, plan_resources, plan_threads, preflight, reward_in_driver
 
 
 def plan(**sections):
@@ -62,6 +62,14 @@ def test_threads_share_the_cores_among_the_actors_of_each_phase(sections, expect
 def test_reward_role_only_with_reward_model():
     assert "reward" not in plan().role_names
     assert plan(model={"reward": "some/rm"}).role("reward").count == 1
+
+
+def test_reward_functions_alone_are_scored_in_the_driver_unless_an_actor_is_asked_for():
+    functions = {"reward": {"functions": {"digit_fraction": 1.0}}}
+    assert reward_in_driver(build_config(functions))  # auto
+    assert not reward_in_driver(build_config({"reward": {"functions": {"digit_fraction": 1.0}, "scorer": "actor"}}))
+    assert not reward_in_driver(build_config({**functions, "model": {"reward": "some/rm"}}))
+    assert not reward_in_driver(build_config({**functions, "model": {"rule_reward": "some/rules"}}))
 
 
 def test_disaggregated_plan_gives_each_role_its_own_node_sized_groups():
