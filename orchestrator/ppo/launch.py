@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,49 @@ def start_ray(address: str | None, num_cpus: int, run_dir: Path | None = None) -
                  _node_ip_address="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
         if run_dir is not None and route_worker_output(Path(run_dir) / WORKER_LOG):
             print(f"ray: local cluster started; worker output in {Path(run_dir) / WORKER_LOG}", flush=True)
+
+
+class RayStart:
+    """`start_ray` in a background thread, so that a local Ray's daemons start on the idle
+    cores while the driver goes on with its own single-threaded start-up (transformers'
+    import, the tiny model, the tokenizer, the prompts: about 6 s of one core on ppo-tiny).
+    `ready()` blocks until Ray is up and re-raises its error; joining a cluster (`address`),
+    or a Ray this process already runs, happens there, in this thread. `abandon()` (bad input
+    found meanwhile) shuts down a local Ray that this start began.
+
+    The thread stays parked once Ray is up: Ray starts its processes with PR_SET_PDEATHSIG,
+    which fires when the *thread* that started them ends. Ray sets its SIGTERM handler (exit,
+    so that Ray shuts down) only from the main thread, so it is set here."""
+
+    def __init__(self, address: str | None, num_cpus: int, run_dir: Path) -> None:
+        self.args = (address, num_cpus, run_dir)
+        self.local = not address and not ray.is_initialized()
+        self.up, self.failed = threading.Event(), []
+        if self.local:
+            quiet_driver()  # the workers' environment, before any Ray process starts
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+            threading.Thread(target=self._run, name="ray-start", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            start_ray(*self.args)
+        except BaseException as err:  # noqa: BLE001 - re-raised by ready()
+            self.failed.append(err)
+        self.up.set()
+        threading.Event().wait()  # parked for the life of the driver
+
+    def ready(self) -> None:
+        if not self.local:
+            start_ray(*self.args)
+            return
+        self.up.wait()
+        if self.failed:
+            raise self.failed[0]
+
+    def abandon(self) -> None:
+        if self.local:
+            self.up.wait()
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -271,8 +317,6 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
     `reference`: folder of the KL reference (default: the initial policy). `ptx_rows`:
     encoded demonstrations for PPO-ptx (needed when ppo.ptx_coef > 0). Bad input raises
     `BadInput` and leaves no new output folder behind."""
-    from transformers import AutoTokenizer
-
     from rlhf.orchestrator.ppo.trainer import PPOTrainer
 
     if not cfg.reward.functions and cfg.model.reward is None:
@@ -284,7 +328,7 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"reward": reward})})
     plan = plan_resources(cfg)
     out = Path(out_dir).resolve()
-    created = not out.exists()
+    created, ray_start = not out.exists(), None
     try:
         # The folder's lock first (run/lock.py): a second writer is refused before it looks.
         lock_run_dir(out)
@@ -299,7 +343,14 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         # A tiny policy's tokenizer learns from whole demonstrations where there are some.
         corpus = demos or (task.demonstrations(cfg.data.task_size, cfg.seed)
                            if task is not None and cfg.model.policy == "tiny" else dialogues)
-        model_path = resolve_policy(cfg, out, corpus)
+        model_path = None if cfg.model.policy == "tiny" else resolve_policy(cfg, out, corpus)  # folder or name
+        # The data and model-name checks passed: Ray starts on the idle cores while this thread
+        # imports transformers and builds a tiny model. A bad input found later (no chat
+        # template, LoRA targets, every prompt too long) shuts it down again.
+        ray_start = RayStart(address, int(plan.total("CPU")), out)
+        from transformers import AutoTokenizer
+
+        model_path = model_path or resolve_policy(cfg, out, corpus)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if tokenizer.chat_template is None:
             raise BadInput(f"model.policy: the tokenizer of {model_path} has no chat template")
@@ -307,9 +358,11 @@ def start_ppo(cfg: ExperimentConfig, out_dir: str | Path, address: str | None = 
         prompts = build_prompts(dialogues, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
         if demos is not None:
             ptx_rows = encode_dialogues(tokenizer, demos, cfg.sft.max_tokens).rows
-        start_ray(address, int(plan.total("CPU")), out)
+        ray_start.ready()
         pgs = create_placement_groups(plan, cfg.placement.timeout_s)  # pre-flights the plan first
     except BadInput:
+        if ray_start is not None:  # a local Ray this call started goes too
+            ray_start.abandon()
         if created and holds(out):  # nothing half-written: the folder this call made goes again
             shutil.rmtree(out, ignore_errors=True)
         raise

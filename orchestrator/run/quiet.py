@@ -29,7 +29,9 @@ which is what the recipe means to happen. A local run sets `QUIET_ENV` (errors o
 progress bars) in its workers and the driver, unless the user set those variables.
 
 The driver itself: Ray's token-auth notice (the local cluster keeps token auth on; the
-notice only says so) and DeepSpeed's CPU-accelerator notice are dropped at their loggers.
+notice only says so), its note that a Ray started off the main thread sets no SIGTERM
+handler (RayStart sets it), and DeepSpeed's CPU-accelerator notice are dropped at their
+loggers.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": 
 DRIVER_NOTICES = {
     "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
     "DeepSpeed": "Setting accelerator to CPU",
+    # A local Ray starts in a background thread (ppo/launch.RayStart), which sets the handler itself.
+    "ray._private.worker": "SIGTERM handler is not set because current thread is not the main thread",
 }
 WORKER_LOG = Path("logs") / "ray-workers.log"  # in the run folder
 # Worker lines the terminal still shows: our own loggers at WARNING or above (quiet_worker's format).

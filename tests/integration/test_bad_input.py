@@ -2,8 +2,10 @@
 resource, no traceback, and no output folder left behind by the failed run.
 
 Each row: (case, argv after `rlhf`, text the one line must contain). `{d}` is a folder with
-the fixture files below; `{out}` a fresh output folder. No Ray cluster starts: every check
-runs before it (a tiny model is built for the rows that need a tokenizer).
+the fixture files below; `{out}` a fresh output folder. No Ray cluster is left running. The
+config and data checks run before one starts; the rows that need the model (a tiny one is
+built for those that need a tokenizer: chat template, LoRA targets) are found while a local
+Ray starts beside them (ppo/launch.RayStart), which is shut down again.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 from rlhf.orchestrator.cli import main
@@ -165,6 +168,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(fixtures, tmp_path, cap
     assert "Traceback (most recent call last)" not in err[0] and expected in err[0], err[0]
     assert not out.exists(), f"{case}: left {sorted(p.name for p in out.rglob('*'))}"
     assert sorted(p.name for p in fixtures.rglob("*")) == before  # fixture folders untouched
+    assert not ray.is_initialized(), f"{case}: a Ray cluster was left running"
 
 
 def test_the_table_is_long_enough():
