@@ -111,22 +111,29 @@ def dialogue_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Sequ
 
 @dataclass
 class Experience:
-    """One step's training data for the policy and critic learners (token tensors [B, T-1])."""
+    """One step's training data for the policy and critic learners (token tensors [B, T-1]).
+    A batch sent to one role carries only the fields that role reads (`keeping`); the rest are None."""
 
     sequences: SequenceBatch
-    old_logp: Tensor            # [B, T-1] policy log-probs at generation time (learner's forward)
-    ref_logp: Tensor            # [B, T-1] reference (SFT) policy log-probs
-    advantages: Tensor          # [B, T-1] zero outside action_mask
-    returns: Tensor             # [B, T-1] critic targets (zero outside action_mask)
+    old_logp: Optional[Tensor]    # [B, T-1] policy log-probs at generation time (learner's forward)
+    ref_logp: Optional[Tensor]    # [B, T-1] reference (SFT) policy log-probs
+    advantages: Optional[Tensor]  # [B, T-1] zero outside action_mask
+    returns: Optional[Tensor]     # [B, T-1] critic targets (zero outside action_mask)
     old_values: Optional[Tensor] = None  # [B, T-1] critic values at generation time; None without critic
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def select(self, index: slice | Tensor) -> "Experience":
-        return Experience(self.sequences.select(index), self.old_logp[index], self.ref_logp[index],
-                          self.advantages[index], self.returns[index],
-                          None if self.old_values is None else self.old_values[index])
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Experience(self.sequences.select(index), pick(self.old_logp), pick(self.ref_logp),
+                          pick(self.advantages), pick(self.returns), pick(self.old_values))
+
+    def keeping(self, *names: str) -> "Experience":
+        """The same rows with only the sequences and the token tensors `names`: the policy's
+        update reads old_logp and advantages, the critic's old_values and returns, so each
+        role's mini-batch pickles and travels at about half the bytes."""
+        return replace(self, **{f.name: None for f in fields(self) if f.name != "sequences" and f.name not in names})
 
     def split(self, n: int) -> list["Experience"]:
         """`n` equal consecutive parts (n must divide B): one per data-parallel rank."""

@@ -177,13 +177,13 @@ class PPOTrainer:
                 scores = roles.reward.score(samples, messages)
             else:
                 refs["score"] = [roles.reward.score.remote(samples, messages)]
+            sampler = sampler_logprobs(samples, mask)  # the engines' own log-probs, [B, T-1]
             flat = [r for group in refs.values() for r in group]
             got = iter(wait_all(flat, self.timeout_s, "experience (reward, reference, policy, critic forward)"))
             results = {k: [next(got) for _ in v] for k, v in refs.items()}
             if "score" in results:
                 scores = results["score"][0]
             ref_logp = torch.cat(results["ref"])
-            sampler = sampler_logprobs(samples, mask)  # the engines' own log-probs, [B, T-1]
             old_logp = torch.cat(results["old"]) if "old" in results else sampler
             values = torch.cat(results["values"]) * mask if use_critic else None
 
@@ -204,16 +204,19 @@ class PPOTrainer:
                 # The engines still hold the weights this batch was sampled with; they generate
                 # the next batch now and get the new weights once both are done (below).
                 self._pending = (step + 1, self._pool.submit(self._generate, step + 1, next_prompt_index))
-            minibatches = [Scattered(mb) for _ in range(cfg.ppo.epochs) for mb in self._minibatches(exp)]
+            minibatches = [mb for _ in range(cfg.ppo.epochs) for mb in self._minibatches(exp)]
             # With sampler old log-probs, the first mini-batch also measures their gap to the
             # learner's own, before the first optimizer step (the guard, below).
             guard = {"measure_gap": True} if self.old_logprobs == "sampler" else {}
-            refs = roles.policy.train_all([(mb, guard if i == 0 else {}) for i, mb in enumerate(minibatches)],
-                                          clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip,
-                                          entropy_coef=cfg.ppo.entropy_coef, loss_agg=cfg.ppo.loss_agg)
+            refs = roles.policy.train_all(
+                [(Scattered(mb.keeping("old_logp", "advantages")), guard if i == 0 else {})
+                 for i, mb in enumerate(minibatches)],
+                clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
+                loss_agg=cfg.ppo.loss_agg)
             if use_critic:
-                refs += roles.critic.train_all([(mb, {}) for mb in minibatches], value_clip=cfg.ppo.value_clip,
-                                               loss_agg=cfg.ppo.loss_agg)
+                refs += roles.critic.train_all([(Scattered(mb.keeping("old_values", "returns")), {})
+                                                for mb in minibatches],
+                                               value_clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg)
             # Idle engines (no overlapped generation) can take the new weights the moment the
             # policy ranks finish: the sync queues behind training, one round trip sooner.
             queued_sync = roles.sync.start() if self._pending is None else None
