@@ -86,3 +86,20 @@ def test_a_batch_crosses_with_its_tensors_intact():
     for a, b in zip(vars(batch).values(), vars(back).values()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+def test_a_role_s_mini_batch_carries_only_the_fields_it_reads():
+    seq = experience.SequenceBatch(torch.randint(0, 50, (4, 9)), torch.ones(4, 9, dtype=torch.long),
+                                   torch.ones(4, 8))
+    seq.attention_mask[:, 7:] = 0  # two padding columns for trimmed() to drop
+    full = experience.Experience(seq, *(torch.randn(4, 8) for _ in range(5)))
+    policy = full.keeping("old_logp", "advantages")
+    assert (policy.ref_logp, policy.returns, policy.old_values) == (None, None, None)
+    assert policy.sequences is full.sequences and policy.advantages is full.advantages
+    part = policy.select(torch.tensor([2, 0])).trimmed().split(2)[1]  # what a rank of the policy gets
+    assert part.ref_logp is None and part.returns is None and part.old_values is None
+    assert torch.equal(part.old_logp, full.old_logp[0:1, :6]) and torch.equal(part.advantages, full.advantages[0:1, :6])
+    back = _roundtrip(part)
+    assert back.returns is None and torch.equal(back.advantages, part.advantages)
+    # Three of the five [B, T-1] float tensors stay behind: well under the whole batch's bytes.
+    assert len(cloudpickle.dumps(policy, protocol=5)) < len(cloudpickle.dumps(full, protocol=5)) - 3 * 4 * 8 * 4
