@@ -131,8 +131,8 @@ class Experience:
 
     def keeping(self, *names: str) -> "Experience":
         """The same rows with only the sequences and the token tensors `names`: the policy's
-        update reads old_logp and advantages, the critic's old_values and returns, so each
-        role's mini-batch pickles and travels at about half the bytes."""
+        update reads old_logp and advantages, the critic's old_values and returns, so a
+        mini-batch sent inline to one role pickles at about half the bytes."""
         return replace(self, **{f.name: None for f in fields(self) if f.name != "sequences" and f.name not in names})
 
     def split(self, n: int) -> list["Experience"]:

@@ -43,16 +43,19 @@ class Scattered:
     """A batch sliced once per rank count: groups with the same number of ranks share the
     same slices (reference, policy and critic often all need the whole batch, or the same
     halves). A large slice is `ray.put` once, so each byte enters the object store once per
-    step; a small one (< INLINE_BYTES) goes inline with each call."""
+    step; a small one (< INLINE_BYTES) goes inline with each call, and there `reads` (the
+    Experience fields the receiving role reads) leaves the others out of that call's bytes."""
 
     def __init__(self, batch: SequenceBatch | Experience) -> None:
         self.batch = batch
         self._parts: dict[int, list] = {}
 
-    def parts(self, n: int) -> list:
+    def parts(self, n: int, reads: tuple[str, ...] | None = None) -> list:
         if n not in self._parts:
             self._parts[n] = [part if _nbytes(part) < INLINE_BYTES else ray.put(part) for part in self.batch.split(n)]
-        return self._parts[n]
+        if reads is None:
+            return self._parts[n]
+        return [part.keeping(*reads) if isinstance(part, Experience) else part for part in self._parts[n]]
 
 
 class LearnerGroup:
@@ -91,12 +94,14 @@ class LearnerGroup:
         return [[r.train_step.remote(part, **_counts(mb), **kwargs) for r, part in zip(self.ranks, mb.parts(len(self)))]
                 for mb in minibatches]
 
-    def train_all(self, minibatches: list[tuple[Scattered, dict]], **kwargs) -> list:
+    def train_all(self, minibatches: list[tuple[Scattered, dict]], reads: tuple[str, ...] | None = None,
+                  **kwargs) -> list:
         """The step's mini-batches (each with its own extra keywords) in ONE call per rank;
         one ref per rank, each resolving to that rank's stats per mini-batch, in order.
-        The slices go as top-level arguments, so Ray resolves those put in the store."""
+        The slices go as top-level arguments, so Ray resolves those put in the store.
+        `reads`: the Experience fields this role's update reads (Scattered.parts)."""
         calls = [dict(**_counts(mb), **kwargs, **extra) for mb, extra in minibatches]
-        parts = [mb.parts(len(self)) for mb, _ in minibatches]
+        parts = [mb.parts(len(self), reads) for mb, _ in minibatches]
         return [r.train_steps.remote(calls, *[p[i] for p in parts]) for i, r in enumerate(self.ranks)]
 
     def call_all(self, method: str, *args, **kwargs) -> list:

@@ -204,18 +204,16 @@ class PPOTrainer:
                 # The engines still hold the weights this batch was sampled with; they generate
                 # the next batch now and get the new weights once both are done (below).
                 self._pending = (step + 1, self._pool.submit(self._generate, step + 1, next_prompt_index))
-            minibatches = [mb for _ in range(cfg.ppo.epochs) for mb in self._minibatches(exp)]
+            minibatches = [Scattered(mb) for _ in range(cfg.ppo.epochs) for mb in self._minibatches(exp)]
             # With sampler old log-probs, the first mini-batch also measures their gap to the
             # learner's own, before the first optimizer step (the guard, below).
             guard = {"measure_gap": True} if self.old_logprobs == "sampler" else {}
-            refs = roles.policy.train_all(
-                [(Scattered(mb.keeping("old_logp", "advantages")), guard if i == 0 else {})
-                 for i, mb in enumerate(minibatches)],
-                clip_eps=cfg.ppo.clip, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
-                loss_agg=cfg.ppo.loss_agg)
+            refs = roles.policy.train_all([(mb, guard if i == 0 else {}) for i, mb in enumerate(minibatches)],
+                                          reads=("old_logp", "advantages"), clip_eps=cfg.ppo.clip,
+                                          dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
+                                          loss_agg=cfg.ppo.loss_agg)
             if use_critic:
-                refs += roles.critic.train_all([(Scattered(mb.keeping("old_values", "returns")), {})
-                                                for mb in minibatches],
+                refs += roles.critic.train_all([(mb, {}) for mb in minibatches], reads=("old_values", "returns"),
                                                value_clip=cfg.ppo.value_clip, loss_agg=cfg.ppo.loss_agg)
             # Idle engines (no overlapped generation) can take the new weights the moment the
             # policy ranks finish: the sync queues behind training, one round trip sooner.

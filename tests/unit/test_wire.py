@@ -103,3 +103,22 @@ def test_a_role_s_mini_batch_carries_only_the_fields_it_reads():
     assert back.returns is None and torch.equal(back.advantages, part.advantages)
     # Three of the five [B, T-1] float tensors stay behind: well under the whole batch's bytes.
     assert len(cloudpickle.dumps(policy, protocol=5)) < len(cloudpickle.dumps(full, protocol=5)) - 3 * 4 * 8 * 4
+
+
+def test_inline_slices_leave_out_what_a_role_does_not_read_and_stored_ones_stay_shared(monkeypatch):
+    from rlhf.orchestrator.ppo import groups
+
+    stored = []
+    monkeypatch.setattr(groups.ray, "put", lambda part: stored.append(part) or f"ref{len(stored)}")
+    small = experience.SequenceBatch(torch.randint(0, 50, (4, 9)), torch.ones(4, 9, dtype=torch.long),
+                                     torch.ones(4, 8))
+    scattered = groups.Scattered(experience.Experience(small, *(torch.randn(4, 8) for _ in range(5))))
+    critic = scattered.parts(2, ("old_values", "returns"))
+    assert [p.old_logp for p in critic] == [None, None] and torch.equal(critic[1].returns, scattered.batch.returns[2:])
+    assert all(p.advantages is not None for p in scattered.parts(2))  # the shared slices keep every field
+    rows = groups.INLINE_BYTES // (8 * 4)  # float32 rows of 8: each of the 5 token tensors alone is inline-sized
+    big = experience.SequenceBatch(torch.zeros(rows, 9, dtype=torch.long), torch.ones(rows, 9, dtype=torch.long),
+                                   torch.ones(rows, 8))
+    scattered = groups.Scattered(experience.Experience(big, *(torch.zeros(rows, 8) for _ in range(5))))
+    policy, critic = scattered.parts(1, ("old_logp", "advantages")), scattered.parts(1, ("old_values", "returns"))
+    assert policy == critic == ["ref1"] and len(stored) == 1  # put once, whole, for both roles
